@@ -1,0 +1,3 @@
+from kascade.cli import main
+
+main()
