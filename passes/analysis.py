@@ -10,8 +10,8 @@ each reduced rank, given the cascade's dependences.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from kascade.ir.cascade import Cascade, Einsum, Operator
 from kascade.ir.dtypes import Kind

@@ -9,6 +9,8 @@ pass fewer and ``M`` times fewer divisions.
 
 from __future__ import annotations
 
+from functools import partial
+
 from kascade.ir import expr as E
 from kascade.ir.cascade import Cascade, Einsum
 from kascade.ir.expr import Expr, Op, free_ranks
@@ -55,6 +57,16 @@ def _deferred(a: Einsum, user: Einsum) -> tuple[Einsum, Expr] | None:
     return Einsum(user.name, user.ranks, E.reduce("sum", e.reduce_ranks, body), user.dtype), den
 
 
+def _divide_reads(e: Expr, new: dict[str, tuple[Einsum, Expr]]) -> Expr:
+    """Every read ``S[idx]`` of a rewritten sum becomes ``S[idx] / D[idx]``."""
+    def fn(n: Expr) -> Expr | None:
+        if n.op is Op.ACCESS and n.arg in new:
+            stmt, den = new[n.arg]
+            return n / E.substitute_ranks(den, dict(zip(stmt.ranks, n.args)))
+        return None
+    return e.rewrite(fn)
+
+
 def defer_normalization(c: Cascade) -> Cascade:
     """For each quotient ``A = N / D`` that is only read as a factor of sums whose reduced
     ranks ``D`` does not vary with, drop ``A``: each such sum ``S`` reduces ``N`` instead,
@@ -68,15 +80,7 @@ def defer_normalization(c: Cascade) -> Cascade:
         if not users or any(d is None for d in done):
             continue
         new = {u.name: d for u, d in zip(users, done)}
-
-        def divide_reads(e: Expr) -> Expr:
-            def fn(n: Expr) -> Expr | None:
-                if n.op is Op.ACCESS and n.arg in new:
-                    stmt, den = new[n.arg]
-                    return n / E.substitute_ranks(den, dict(zip(stmt.ranks, n.args)))
-                return None
-            return e.rewrite(fn)
-
+        divide_reads = partial(_divide_reads, new=new)
         stmts = []
         for s in c.stmts:
             if s is a:

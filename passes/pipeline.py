@@ -6,9 +6,9 @@ The step names are the names in ``--print-after-all`` dumps. With
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 from kascade.ir.cascade import Cascade
 from kascade.ir.expr import Op

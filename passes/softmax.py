@@ -257,6 +257,7 @@ class _Localizer:
         return False
 
     def run(self) -> Cascade:
+        self.c = hoist_reductions(self.c, self.o)
         for s in self.c.stmts:
             if isinstance(s, Operator):
                 if self.o in s.ranks or self.o == s.over or self.o in free_ranks(s.expr):
@@ -268,6 +269,36 @@ class _Localizer:
         if not self.anchors and not self.sums and self.mode == "recurrence" and not self.running:
             raise RewriteError(f"online_softmax over {self.o!r}: no reduction runs over {self.o!r}")
         return self.c.with_stmts(self.out)
+
+
+def hoist_reductions(c: Cascade, o: str) -> Cascade:
+    """Give every reduction over ``o`` that is part of a larger expression an Einsum of its
+    own (``C = gelu(sum[k](A * B) + BIAS)`` -> ``C_sum = sum[k](A * B)``, ``C = gelu(C_sum + BIAS)``),
+    so that each reduction over ``o`` is a whole statement the localizer can rewrite."""
+    stmts, taken = [], set(c.tensor_names())
+    for s in c.stmts:
+        if not isinstance(s, Einsum) or o in s.ranks or _top_reduce(s, o) is not None:
+            stmts.append(s)
+            continue
+        hoisted = []
+
+        def fn(n: Expr, s=s, hoisted=hoisted) -> Expr | None:
+            if n.op is not Op.REDUCE or o not in n.reduce_ranks:
+                return None
+            free = free_ranks(n)
+            ranks = tuple(r for r in s.ranks if r in free) + tuple(sorted(free - set(s.ranks)))
+            name = f"{s.name}_{n.reduce_kind}"
+            k = 2
+            while name in taken:
+                name, k = f"{s.name}_{n.reduce_kind}{k}", k + 1
+            taken.add(name)
+            hoisted.append(Einsum(name, ranks, n))
+            return E.access(name, *(E.rank(r) for r in ranks))
+
+        expr = s.expr.rewrite(fn)
+        stmts += hoisted
+        stmts.append(s if not hoisted else Einsum(s.name, s.ranks, expr, s.dtype, s.output, s.step, s.init))
+    return c.with_stmts(stmts)
 
 
 def online_softmax(c: Cascade, rank: str) -> Cascade:
