@@ -56,10 +56,10 @@ def parse_extents(items: list[str]) -> dict[str, int]:
 
 def default_extents(c: Cascade, given: dict[str, int]) -> dict[str, int]:
     """Fill every extent the cascade needs and nobody gave with a small awkward value."""
-    from kascade.ir.extents import needed_extents, resolve_extents
+    from kascade.ir.extents import bind_extents, extent_symbols
     free_decl = {x.name for x in c.extents if x.value is None}
     ext = dict(given)
-    todo = sorted(needed_extents(c) - set(resolve_extents(c, ext)) - free_decl)
+    todo = sorted(extent_symbols(c) - set(bind_extents(c, None, ext, complete=False)) - free_decl)
     for i, name in enumerate(todo):
         ext.setdefault(name, 2 if name == "K" else _AWKWARD[i % len(_AWKWARD)])
     return ext

@@ -8,14 +8,14 @@ alone do not give, so callers that need them build them and pass them in ``fixed
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from kascade.ir.cascade import Cascade
 from kascade.ir.dtypes import Kind
 from kascade.ir.errors import ShapeError
-from kascade.ir.extents import resolve_extents
+from kascade.ir.extents import bind_extents
 
 
 def random_inputs(c: Cascade, extents: Mapping[str, int], *, generator: torch.Generator | None = None,
@@ -23,7 +23,7 @@ def random_inputs(c: Cascade, extents: Mapping[str, int], *, generator: torch.Ge
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """``(inputs, params)`` for ``c`` at ``extents``; ``fixed`` entries are used as given."""
     fixed = dict(fixed or {})
-    ext = resolve_extents(c, extents)
+    ext = bind_extents(c, None, extents, complete=False)
     inputs: dict[str, torch.Tensor] = {}
     for t in c.inputs:
         if t.name in fixed:

@@ -1,100 +1,104 @@
-"""Resolving extent symbols to integers.
+"""Binding extent symbols to integers.
 
-Extents come from three places: the caller (input shapes, tile sizes), the cascade's
-``extent`` declarations (constants, aliases ``S = T``, derived ``M1 = cdiv(M, M0)``),
-and operators (``sort``'s new rank has the extent of the rank it sorts over).
+Extents come from input shapes (dimension i of input ``T`` binds the extent of
+``T``'s i-th rank), from the caller (tile sizes, split counts, ``K`` of a top-k), from
+the cascade's ``extent`` declarations (constants, aliases ``S = T``, derived
+``M1 = cdiv(M, M0)``) and from operators (``sort``'s new rank has the extent of the rank
+it sorts over). Every conflict names both sources.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 
 from kascade.ir.cascade import Cascade, Operator
 from kascade.ir.errors import ShapeError
-from kascade.ir.expr import Expr, Op, extent_of
+from kascade.ir.expr import Expr, Op, extent_of, extents_used
+
+_INT_OPS = {Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul, Op.FLOORDIV: operator.floordiv,
+            Op.MOD: operator.mod, Op.CDIV: lambda a, b: -(-a // b), Op.MAX: max, Op.MIN: min}
 
 
-def eval_int(e: Expr, extents: Mapping[str, int]) -> int | None:
-    """Value of an integer expression over extents; None if an extent is unbound."""
-    op = e.op
-    if op is Op.CONST:
-        return int(e.arg)
-    if op is Op.EXTENT:
-        return extents.get(e.arg)
-    vals = [eval_int(a, extents) for a in e.args]
-    if any(v is None for v in vals):
-        return None
-    a, b = vals if len(vals) == 2 else (vals[0], None)
-    if op is Op.NEG:
-        return -a
-    if op in (Op.FLOORDIV, Op.MOD, Op.CDIV) and b == 0:
-        raise ShapeError(f"division by zero while computing extent {e}")
-    return {
-        Op.ADD: lambda: a + b, Op.SUB: lambda: a - b, Op.MUL: lambda: a * b,
-        Op.FLOORDIV: lambda: a // b, Op.MOD: lambda: a % b, Op.CDIV: lambda: -(-a // b),
-        Op.MAX: lambda: max(a, b), Op.MIN: lambda: min(a, b),
-    }[op]()
+def extent_symbols(c: Cascade) -> set[str]:
+    """Every extent symbol the cascade names: declared, of its ranks, and in expressions."""
+    ranks = {r for t in (*c.inputs, *c.stmts) for r in t.ranks} | {s.over for s in c.stmts if isinstance(s, Operator)}
+    syms = {x.name for x in c.extents}
+    for e in [s.expr for s in c.stmts] + [s.init for s in c.einsums if s.init is not None]:
+        syms |= extents_used(e)
+        ranks |= {r for n in e.walk() if n.op is Op.REDUCE for r in n.reduce_ranks}
+    return syms | {extent_of(r) for r in ranks}
 
 
-def _bind(out: dict[str, int], name: str, value: int, source: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ShapeError(f"extent {name} = {value!r} from {source}; extents are non-negative integers")
-    if name in out and out[name] != value:
-        raise ShapeError(f"extent {name} is {out[name]} but {source} makes it {value}")
-    out[name] = value
+def eval_int(e: Expr, bound: Mapping[str, int], canon=lambda s: s, name: str = "") -> int:
+    """The value of an integer extent expression (its extents must be bound)."""
+    if e.op is Op.CONST:
+        return e.arg
+    if e.op is Op.EXTENT:
+        return bound[canon(e.arg)]
+    a, b = (eval_int(x, bound, canon, name) for x in e.args)
+    if e.op in (Op.FLOORDIV, Op.MOD, Op.CDIV) and b == 0:
+        raise ShapeError(f"extent {name} = {e} divides by zero")
+    return _INT_OPS[e.op](a, b)
 
 
-def resolve_extents(cascade: Cascade, given: Mapping[str, int]) -> dict[str, int]:
-    """Every extent symbol that ``given`` and the declarations determine.
+def bind_extents(cascade: Cascade, shapes: Mapping[str, Sequence[int]] | None = None,
+                 extents: Mapping[str, int] | None = None, *, complete: bool = True) -> dict[str, int]:
+    """Bind extent symbols from input ``shapes`` (by input name), then ``extents``, then the
+    cascade's declarations (and sort's new rank), iterated to a fixed point.
 
-    ``given`` holds symbols already known (from input shapes, or the caller). Aliases
-    are bound both ways, so ``extent S = T`` with ``S`` known binds ``T`` too.
-    Conflicts raise :class:`ShapeError`; symbols that stay unknown are simply absent
-    (see :func:`require_extents`).
+    Returns every bound symbol, aliases included. Raises :class:`ShapeError` when two
+    sources disagree (naming both), for an unknown name in ``extents``, and, with
+    ``complete``, when a symbol the cascade names stays unbound (saying what to pass).
     """
-    out: dict[str, int] = {}
-    for k, v in given.items():
-        _bind(out, k, v, "the caller")
-    aliases = [(s.name, s.value.arg) for s in cascade.extents if s.value is not None and s.value.op is Op.EXTENT]
-    aliases += [(extent_of(s.new_rank), extent_of(s.over)) for s in cascade.stmts
-                if isinstance(s, Operator) and s.kind == "sort"]
+    canon = cascade.canonical_extent
+    bound: dict[str, int] = {}
+    origin: dict[str, str] = {}
+
+    def bind(sym: str, value: int, where: str) -> bool:
+        sym = canon(sym)
+        if sym in bound:
+            if bound[sym] != value:
+                raise ShapeError(f"extent {sym} is {bound[sym]} from {origin[sym]} but {value} from {where}; "
+                                 "they must agree")
+            return False
+        if value < 0:
+            raise ShapeError(f"extent {sym} = {value} from {where}; extents are non-negative integers")
+        bound[sym], origin[sym] = value, where
+        return True
+
+    for decl in cascade.inputs:
+        if decl.name in (shapes or {}):
+            shape = tuple(shapes[decl.name])
+            if len(shape) != len(decl.ranks):
+                raise ShapeError(f"input {decl.name!r} has {len(shape)} dims {list(shape)} but is declared with "
+                                 f"{len(decl.ranks)} ranks {list(decl.ranks)}")
+            for i, (r, size) in enumerate(zip(decl.ranks, shape)):
+                bind(cascade.rank_extent(r), size, f"dim {i} (rank {r!r}) of input {decl.name!r}, size {size}")
+    known = extent_symbols(cascade)
+    for sym, value in (extents or {}).items():
+        if sym not in known:
+            raise ShapeError(f"extents= names unknown extent {sym!r}; accepted: {', '.join(sorted(known))}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ShapeError(f"extents={{{sym!r}: {value!r}}}: extents are non-negative integers")
+        bind(sym, value, f"extents={{{sym!r}: {value}}}")
+    sorts = [s for s in cascade.stmts if isinstance(s, Operator) and s.kind == "sort"]
     changed = True
-    while changed:
+    while changed:  # each round binds at least one more symbol, so this ends
         changed = False
-        for decl in cascade.extents:
-            if decl.value is None:
+        for x in cascade.extents:
+            if x.value is None or x.value.op is Op.EXTENT:  # free symbols and aliases bind nothing
                 continue
-            v = eval_int(decl.value, out)
-            if v is not None and decl.name not in out:
-                _bind(out, decl.name, v, f"'extent {decl.name} = {decl.value}'")
-                changed = True
-            elif v is not None:
-                _bind(out, decl.name, v, f"'extent {decl.name} = {decl.value}'")
-        for a, b in aliases:
-            for x, y in ((a, b), (b, a)):
-                if y in out and x not in out:
-                    _bind(out, x, out[y], f"the alias {a} = {b}")
-                    changed = True
-    return out
-
-
-def needed_extents(cascade: Cascade) -> set[str]:
-    """The extent symbol of every rank any statement iterates, plus extents used in expressions."""
-    from kascade.ir.expr import extents_used
-    need = {extent_of(r) for t in cascade.inputs for r in t.ranks}
-    for s in cascade.stmts:
-        need |= {extent_of(r) for r in s.ranks} | extents_used(s.expr)
-        for n in s.expr.walk():
-            if n.op is Op.REDUCE:
-                need |= {extent_of(r) for r in n.reduce_ranks}
-        if isinstance(s, Operator):
-            need.add(extent_of(s.over))
-    return need
-
-
-def require_extents(cascade: Cascade, known: Mapping[str, int]) -> None:
-    missing = sorted(needed_extents(cascade) - set(known))
-    if missing:
-        hint = ", ".join(f"'{m}': ..." for m in missing)
-        raise ShapeError(f"extent{'s' * (len(missing) > 1)} {', '.join(missing)} not bound by the inputs "
-                         f"or declarations; pass extents={{{hint}}}")
+            if all(canon(d) in bound for d in extents_used(x.value)):
+                changed |= bind(x.name, eval_int(x.value, bound, canon, x.name), f"'extent {x.name} = {x.value}'")
+        for s in sorts:
+            new, over = cascade.rank_extent(s.new_rank), cascade.rank_extent(s.over)
+            for a, b in ((new, over), (over, new)):
+                if b in bound:
+                    changed |= bind(a, bound[b], f"{s.label} (sort's new rank has the extent of {s.over!r})")
+    if complete:
+        for sym in sorted(known):
+            if canon(sym) not in bound:
+                raise ShapeError(f"extent {sym!r} is not bound by any input shape or extent declaration; "
+                                 f"pass extents={{{canon(sym)!r}: ...}}")
+    return {sym: bound[canon(sym)] for sym in known if canon(sym) in bound}

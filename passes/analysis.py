@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from kascade.ir.cascade import Cascade, Einsum, Operator
 from kascade.ir.dtypes import Kind
 from kascade.ir.expr import FUNCTIONS, Expr, Op, free_ranks, tensors_read
-from kascade.ir.extents import require_extents, resolve_extents
+from kascade.ir.extents import bind_extents
 from kascade.ir.validate import infer_dtypes
 
 _PLAIN = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MAX, Op.MIN, Op.NEG, Op.WHERE,
@@ -120,8 +120,7 @@ class _Counter:
 
 def count(c: Cascade, extents: Mapping[str, int]) -> Counts:
     """Count ``c`` at concrete extents (every symbol the cascade needs, or derivable)."""
-    ext = resolve_extents(c, extents)
-    require_extents(c, ext)
+    ext = bind_extents(c, None, extents)
     k = _Counter(c, ext)
     for s in c.stmts:
         if isinstance(s, Einsum):
@@ -209,11 +208,3 @@ def reduced_ranks(c: Cascade) -> list[str]:
 def pass_counts(c: Cascade) -> dict[str, int]:
     """``{rank: passes}`` for every reduced rank: 3-pass attention gives ``m: 3``."""
     return {r: passes_over(c, r) for r in reduced_ranks(c)}
-
-
-def extent_symbols(c: Cascade) -> list[str]:
-    """The extent symbols a caller of ``count`` may need to give, sorted."""
-    from kascade.ir.extents import needed_extents
-    declared = {x.name for x in c.extents if x.value is not None}
-    return sorted(needed_extents(c) - declared)
-
