@@ -55,13 +55,15 @@ def parse_extents(items: list[str]) -> dict[str, int]:
 
 
 def default_extents(c: Cascade, given: dict[str, int]) -> dict[str, int]:
-    """Fill every extent the cascade needs and nobody gave with a small awkward value."""
+    """Give every extent that nothing else determines a small awkward value (free tile
+    symbols a small tile, a top-k's ``K`` 2); derived extents and aliases follow."""
     from kascade.ir.extents import bind_extents, extent_symbols
+    derived = {x.name for x in c.extents if x.value is not None}
     free_decl = {x.name for x in c.extents if x.value is None}
     ext = dict(given)
-    todo = sorted(extent_symbols(c) - set(bind_extents(c, None, ext, complete=False)) - free_decl)
-    for i, name in enumerate(todo):
-        ext.setdefault(name, 2 if name == "K" else _AWKWARD[i % len(_AWKWARD)])
+    for i, name in enumerate(sorted(extent_symbols(c) - derived)):
+        if name not in bind_extents(c, None, ext, complete=False):
+            ext[name] = _TILE_DEFAULT if name in free_decl else 2 if name == "K" else _AWKWARD[i % len(_AWKWARD)]
     return ext
 
 
@@ -74,10 +76,12 @@ def _fail(e: Exception) -> None:
 def library_cmd() -> None:
     """List the built-in cascades."""
     from kascade.ir.library import LIBRARY
-    table = Table("name", "what it computes")
+    table = Table("name", "builder", "what it computes")
     for name, build in LIBRARY.items():
         fn = getattr(build, "func", build)
-        table.add_row(name, (fn.__doc__ or "").strip().split("\n")[0])
+        args = [repr(a) for a in getattr(build, "args", ())]
+        args += [f"{k}={v!r}" for k, v in getattr(build, "keywords", {}).items()]
+        table.add_row(name, f"{fn.__name__}({', '.join(args)})", (fn.__doc__ or "").strip().split("\n")[0])
     out.print(table)
 
 

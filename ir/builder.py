@@ -12,8 +12,8 @@ The text form is for people and tests; both build the same frozen values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from kascade.ir.cascade import Cascade, Einsum, ExtentDecl, Operator, Param, TensorDecl
 from kascade.ir.dtypes import DType

@@ -14,8 +14,8 @@ and takes no part in equality or the hash.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator
 
 from kascade.ir.dtypes import DType
 from kascade.ir.errors import CascadeError

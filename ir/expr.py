@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kascade.ir.dtypes import DType
 from kascade.ir.errors import CascadeError
@@ -83,11 +84,30 @@ FUNCTIONS: dict[str, tuple[int, int]] = {
 }
 
 
-@dataclass(frozen=True, eq=True)
+@dataclass(frozen=True, eq=False)
 class Expr:
     op: Op
     args: tuple[Expr, ...] = ()
     arg: Any = None
+
+    # ---- structural identity ----------------------------------------------------
+    # Python says 1 == 1.0 == True, but the IR does not: the three print differently
+    # and mean different types, so a payload's type is part of the structure.
+    def _key(self) -> tuple:
+        arg = self.arg
+        if isinstance(arg, float):
+            arg = (arg, math.copysign(1.0, arg))  # -0.0 prints apart from 0.0
+        return (self.op, type(self.arg), arg)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Expr):
+            return NotImplemented
+        return self._key() == other._key() and self.args == other.args
+
+    def __hash__(self) -> int:
+        return hash((self._key(), self.args))
 
     # ---- building: arithmetic -------------------------------------------------
     def __add__(self, o: ExprLike) -> Expr: return binary(Op.ADD, self, o)
@@ -132,7 +152,8 @@ class Expr:
 
     def replace(self, **changes: Any) -> Expr:
         """A copy with fields changed; the same object when nothing changes."""
-        if all(getattr(self, k) is v or getattr(self, k) == v for k, v in changes.items()):
+        if all(getattr(self, k) is v or (type(getattr(self, k)) is type(v) and getattr(self, k) == v)
+               for k, v in changes.items()):
             return self
         return Expr(**{"op": self.op, "args": self.args, "arg": self.arg, **changes})
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from kascade.ir.cascade import Cascade
+from kascade.ir.cascade import Cascade, Operator
 from kascade.ir.expr import Op
 from kascade.ir.printer import format_cascade
 from kascade.ir.settings import settings
@@ -45,12 +45,16 @@ def decode_steps(rank: str = "m1", parts: int | str | None = None) -> tuple[Step
 
 
 def softmax_ranks(c: Cascade) -> tuple[str, ...]:
-    """The ranks of the first max that is read as ``exp(x - max)`` (empty if none)."""
+    """The ranks of the first max that is read as ``exp(x - max)`` (empty if none). A softmax
+    over a rank that an operator also runs over (a router's softmax before its top-k) is
+    left alone: operators are not tiled."""
+    op_ranks = {r for s in c.stmts if isinstance(s, Operator) for r in (s.over, *s.ranks)}
     readers = {n.args[0].args[1].arg for s in c.stmts for n in s.expr.walk()
                if n.op is Op.FUNC and n.arg == "exp" and n.args[0].op is Op.SUB
                and n.args[0].args[1].op is Op.ACCESS}
     for s in c.stmts:
-        if s.expr.op is Op.REDUCE and s.expr.reduce_kind == "max" and s.name in readers:
+        if s.expr.op is Op.REDUCE and s.expr.reduce_kind == "max" and s.name in readers \
+                and not set(s.expr.reduce_ranks) & op_ranks:
             return s.expr.reduce_ranks
     return ()
 
