@@ -152,10 +152,8 @@ class Expr:
 
     def replace(self, **changes: Any) -> Expr:
         """A copy with fields changed; the same object when nothing changes."""
-        if all(getattr(self, k) is v or (type(getattr(self, k)) is type(v) and getattr(self, k) == v)
-               for k, v in changes.items()):
-            return self
-        return Expr(**{"op": self.op, "args": self.args, "arg": self.arg, **changes})
+        new = Expr(**{"op": self.op, "args": self.args, "arg": self.arg, **changes})
+        return self if new == self else new
 
     def walk(self) -> Iterator[Expr]:
         """Pre-order traversal of every node."""

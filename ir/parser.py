@@ -40,7 +40,10 @@ _KEYWORDS = {"param", "input", "extent", "init", "output", "where", "not", "and"
              *(d.value for d in DType)}
 _CMP = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
 _MUL = {"*": Op.MUL, "/": Op.DIV, "//": Op.FLOORDIV, "%": Op.MOD}
-_MAX_DEPTH = 200
+# Each nesting level costs about ten Python frames here, and ==, hash, the printer and the
+# checker recurse on the tree: both limits keep every consumer far from the recursion limit.
+_MAX_DEPTH = 64      # nesting of (), [], calls, unary '-' and 'not'
+_MAX_HEIGHT = 128    # height of one expression tree (a chain 'a + b + ...' is as tall as it is long)
 
 
 @dataclass(frozen=True)
@@ -295,14 +298,22 @@ class _Parser:
         return out
 
     # ---- expressions ---------------------------------------------------------------
-    def expr(self) -> Expr:
+    def enter(self) -> None:
         self.depth += 1
         if self.depth > _MAX_DEPTH:
             raise self.fail(f"expression nested more than {_MAX_DEPTH} deep")
+
+    def expr(self) -> Expr:
+        start = self.tok
+        self.enter()
         try:
-            return self.disjunction()
+            e = self.disjunction()
         finally:
             self.depth -= 1
+        if self.depth == 0 and _height(e) > _MAX_HEIGHT:
+            raise self.fail(f"expression more than {_MAX_HEIGHT} operations deep; split it into several "
+                            "statements", start)
+        return e
 
     def disjunction(self) -> Expr:
         e = self.conjunction()
@@ -321,7 +332,11 @@ class _Parser:
     def negation(self) -> Expr:
         if self.at("not"):
             self.next()
-            return E.logical_not(self.negation())
+            self.enter()
+            try:
+                return E.logical_not(self.negation())
+            finally:
+                self.depth -= 1
         return self.comparison()
 
     def comparison(self) -> Expr:
@@ -350,13 +365,15 @@ class _Parser:
     def unary(self) -> Expr:
         if self.at("-"):
             self.next()
-            self.depth += 1
-            if self.depth > _MAX_DEPTH:
-                raise self.fail(f"expression nested more than {_MAX_DEPTH} deep")
+            # "-1" / "-inf" are negative constants; "-(1)" stays a negation (the printer writes a
+            # NEG node over a constant that way)
+            literal = self.tok.kind == "num" or self.at("inf")
+            self.enter()
             try:
-                return E.neg(self.unary())
+                x = self.unary()
             finally:
                 self.depth -= 1
+            return E.neg(x) if literal else Expr(Op.NEG, (x,))
         return self.primary()
 
     def args(self, n: int, what: str) -> list[Expr]:
@@ -374,7 +391,12 @@ class _Parser:
         t = self.tok
         if t.kind == "num":
             self.next()
-            return E.const(float(t.text) if any(c in t.text for c in ".eE") else int(t.text))
+            if any(c in t.text for c in ".eE"):
+                return E.const(float(t.text))
+            try:
+                return E.const(int(t.text))
+            except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+                raise self.fail(f"integer literal of {len(t.text)} digits is too long", t) from None
         if self.at("("):
             self.next()
             e = self.expr()
@@ -426,6 +448,16 @@ class _Parser:
         if word in self.params:
             return E.param(word)
         return E.rank(word) if word[0].islower() else E.extent(word)
+
+
+def _height(e: Expr) -> int:
+    """Height of a tree, without recursion (the tree may be too tall to recurse on)."""
+    height, stack = 0, [(e, 1)]
+    while stack:
+        node, d = stack.pop()
+        height = max(height, d)
+        stack.extend((a, d + 1) for a in node.args)
+    return height
 
 
 def parse(text: str, name: str = "cascade", validate: bool = True) -> Cascade:

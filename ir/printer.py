@@ -56,7 +56,10 @@ def format_expr(e: Expr) -> str:
     if op in _CALL_STYLE:
         return f"{_CALL_STYLE[op]}({format_expr(e.args[0])}, {format_expr(e.args[1])})"
     if op is Op.NEG:
-        return "-" + _wrap(e.args[0], _prec(e.args[0]) < _PREC[Op.NEG])
+        x = e.args[0]
+        # "-1" reads back as the constant -1, so a NEG node over a number prints as "-(1)"
+        number = x.op is Op.CONST and not isinstance(x.arg, bool)
+        return "-" + _wrap(x, number or _prec(x) < _PREC[Op.NEG])
     if op is Op.NOT:
         return "not " + _wrap(e.args[0], _prec(e.args[0]) < _PREC[Op.NOT])
     assert op in BINARY, op

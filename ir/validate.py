@@ -45,6 +45,16 @@ class _Checker:
             if isinstance(s, Operator):
                 self.known_extents.add(extent_of(s.over))
         self.later = {n for s in c.stmts for n in s.outputs}
+        # every rank name in use (declared, in statements, bound by reductions): params may not take one
+        self.rank_names = {r for t in c.inputs for r in t.ranks}
+        for s in c.stmts:
+            self.rank_names |= set(s.ranks) | ({s.over} if isinstance(s, Operator) else set())
+            inits = [s.init] if isinstance(s, Einsum) and s.init is not None else []
+            for n in (n for x in (s.expr, *inits) for n in x.walk()):
+                if n.op is Op.RANK:
+                    self.rank_names.add(n.arg)
+                elif n.op is Op.REDUCE:
+                    self.rank_names.update(n.reduce_ranks)
 
     # ---- declarations -------------------------------------------------------------
     def declarations(self) -> None:
@@ -76,8 +86,11 @@ class _Checker:
                         raise CascadeError(f"extent {x.name!r}: constants in extents are integers, found {n.arg!r}")
                     if n.op is Op.EXTENT and n.arg not in self.known_extents:
                         raise CascadeError(f"extent {x.name!r} uses unknown extent {n.arg!r}")
-        for x in c.extents:  # cycles among derived extents
-            self._extent_cycle(x.name, xs, ())
+        self._extent_cycles(xs)
+        for p in c.params:  # the text form would read a rank or extent of the same name as the param
+            if p.name in self.rank_names or p.name in self.known_extents:
+                what = "a rank" if p.name in self.rank_names else "an extent"
+                raise CascadeError(f"param {p.name!r} has the name of {what}; rename one of them")
         for s in c.stmts:
             for n in s.outputs:
                 _check_name(n, "tensor name")
@@ -86,14 +99,30 @@ class _Checker:
                                        "every tensor is defined once")
                 seen[n] = "statement output"
 
-    def _extent_cycle(self, name: str, xs, path: tuple[str, ...]) -> None:
-        if name in path:
-            raise CascadeError(f"extent declarations form a cycle: {' -> '.join(path + (name,))}")
-        decl = xs.get(name)
-        if decl is not None and decl.value is not None:
-            for n in decl.value.walk():
-                if n.op is Op.EXTENT:
-                    self._extent_cycle(n.arg, xs, path + (name,))
+    @staticmethod
+    def _extent_cycles(xs) -> None:
+        """Depth-first search over 'extent A = ... B ...'; iterative, each extent visited once
+        (derived extents may share dependencies: walking every path would be exponential)."""
+        def deps(name: str) -> list[str]:
+            decl = xs.get(name)
+            if decl is None or decl.value is None:
+                return []
+            return [n.arg for n in decl.value.walk() if n.op is Op.EXTENT]
+        done: set[str] = set()
+        for root in xs:
+            if root in done:
+                continue
+            path, stack = [root], [iter(deps(root))]
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    done.add(path.pop())
+                    stack.pop()
+                elif nxt in path:
+                    raise CascadeError(f"extent declarations form a cycle: {' -> '.join(path + [nxt])}")
+                elif nxt not in done:
+                    path.append(nxt)
+                    stack.append(iter(deps(nxt)))
 
     def rank_list(self, ranks: tuple[str, ...], where: str) -> None:
         for r in ranks:
