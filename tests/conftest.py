@@ -46,3 +46,120 @@ def make_paged_cache(lens: list[int], block: int, G: int, E: int, F: int, gen: t
 def paged_cache():
     """The :func:`make_paged_cache` builder (test modules cannot import conftest)."""
     return make_paged_cache
+
+
+# ---- the examples of DESIGN.md, as cascade texts ---------------------------------------
+# Verbatim from DESIGN.md, "The IR in one example".
+ATTENTION_3PASS = """\
+# attention, 3-pass form
+param scale: f32
+input Q[b, h, p, e]: bf16
+input K[b, h, m, e]: bf16
+input V[b, h, m, f]: bf16
+
+QK[b, h, m, p] = sum[e](Q[b, h, p, e] * K[b, h, m, e]) * scale
+GM[b, h, p]    = max[m](QK[b, h, m, p])
+SN[b, h, m, p] = exp(QK[b, h, m, p] - GM[b, h, p])
+SD[b, h, p]    = sum[m](SN[b, h, m, p])
+AV[b, h, p, f] = sum[m](SN[b, h, m, p] * V[b, h, m, f])
+output O[b, h, p, f]: bf16 = AV[b, h, p, f] / SD[b, h, p]
+"""
+
+# The FuseMax 1-pass cascade of DESIGN.md written out: m split into (m1, m0), the
+# ragged last tile masked to -inf, running max RM, denominator RD and numerator RNV.
+FUSEMAX_1PASS = """\
+# attention, FuseMax 1-pass form
+param scale: f32
+input Q[b, h, p, e]: bf16
+input K[b, h, m, e]: bf16
+input V[b, h, m, f]: bf16
+extent M0
+extent M1 = cdiv(M, M0)
+
+QK[b, h, m1, m0, p] = where(m1 * M0 + m0 < M,
+                            sum[e](Q[b, h, p, e] * K[b, h, m1 * M0 + m0, e]) * scale,
+                            -inf)
+LM[b, h, m1, p] = max[m0](QK[b, h, m1, m0, p])
+init RM[b, h, 0, p] = -inf
+RM[b, h, m1 + 1, p] = max(RM[b, h, m1, p], LM[b, h, m1, p])
+SLN[b, h, m1, m0, p] = exp(QK[b, h, m1, m0, p] - RM[b, h, m1 + 1, p])
+PRM[b, h, m1, p] = exp(RM[b, h, m1, p] - RM[b, h, m1 + 1, p])
+SLD[b, h, m1, p] = sum[m0](SLN[b, h, m1, m0, p])
+init RD[b, h, 0, p] = 0.0
+RD[b, h, m1 + 1, p] = PRM[b, h, m1, p] * RD[b, h, m1, p] + SLD[b, h, m1, p]
+SLNV[b, h, m1, f, p] = sum[m0](where(m1 * M0 + m0 < M, SLN[b, h, m1, m0, p] * V[b, h, m1 * M0 + m0, f], 0.0))
+init RNV[b, h, 0, f, p] = 0.0
+RNV[b, h, m1 + 1, f, p] = PRM[b, h, m1, p] * RNV[b, h, m1, f, p] + SLNV[b, h, m1, f, p]
+output O[b, h, p, f]: bf16 = RNV[b, h, M1, f, p] / RD[b, h, M1, p]
+"""
+
+# Each fragment of DESIGN.md's list "What the IR must express", in a minimal valid cascade.
+FRAGMENTS = {
+    "causal": """\
+input QK[b, h, m, p]: f32
+output S[b, h, m, p]: f32 = where(m <= p + M - P, QK[b, h, m, p], -inf)
+""",
+    "affine": """\
+input K[b, h, m, e]: bf16
+extent M0
+extent M1 = cdiv(M, M0)
+output KT[b, h, m1, m0, e]: bf16 = K[b, h, m1 * M0 + m0, e]
+""",
+    "indirect": """\
+input KC[n, m0, g, e]: bf16
+input BT[b, m1]: i32
+output KV[b, m1, m0, g, e]: bf16 = KC[BT[b, m1], m0, g, e]
+""",
+    "alibi": """\
+input X[h, p, m]: f32
+input S[h]: f32
+output Y[h, p, m]: f32 = X[h, p, m] - S[h] * (p - m)
+""",
+    "softcap": """\
+param c: f32
+input X[p, m]: f32
+output Y[p, m]: f32 = c * tanh(X[p, m] / c)
+""",
+    "recurrence": """\
+input LM[p, m1]: f32
+init RM[p, 0] = -inf
+RM[p, m1 + 1] = max(RM[p, m1], LM[p, m1])
+output O[p]: f32 = RM[p, M1]
+""",
+    "topk": """\
+input LG[t, x]: f32
+output TV[t, k], TI[t, k] = topk[x](LG[t, x])
+""",
+    "sort": """\
+input KEY[t]: i32
+output SV[s], SI[s]: i32 = sort[t](KEY[t])
+""",
+}
+
+EXAMPLES = {"attention_3pass": ATTENTION_3PASS, "fusemax_1pass": FUSEMAX_1PASS, **FRAGMENTS}
+
+
+@pytest.fixture(scope="session")
+def attention_text() -> str:
+    return ATTENTION_3PASS
+
+
+@pytest.fixture(scope="session")
+def fusemax_text() -> str:
+    return FUSEMAX_1PASS
+
+
+@pytest.fixture(scope="session")
+def fragments() -> dict[str, str]:
+    return dict(FRAGMENTS)
+
+
+@pytest.fixture(scope="session", params=sorted(EXAMPLES))
+def example_text(request) -> str:
+    """Every example cascade in turn (the test id names it)."""
+    return EXAMPLES[request.param]
+
+
+@pytest.fixture(scope="session")
+def examples() -> dict[str, str]:
+    return dict(EXAMPLES)

@@ -21,20 +21,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-ATTENTION_3PASS = """
-param scale: f32
-input Q[b, h, p, e]: bf16
-input K[b, h, m, e]: bf16
-input V[b, h, m, f]: bf16
-
-QK[b, h, m, p] = sum[e](Q[b, h, p, e] * K[b, h, m, e]) * scale
-GM[b, h, p]    = max[m](QK[b, h, m, p])
-SN[b, h, m, p] = exp(QK[b, h, m, p] - GM[b, h, p])
-SD[b, h, p]    = sum[m](SN[b, h, m, p])
-AV[b, h, p, f] = sum[m](SN[b, h, m, p] * V[b, h, m, f])
-output O[b, h, p, f]: bf16 = AV[b, h, p, f] / SD[b, h, p]
-"""
-
 # FuseMax's 1-pass cascade over tiles of M0 keys, with a masked tail tile.
 ATTENTION_1PASS = """
 param scale: f32
@@ -74,10 +60,11 @@ output C[m, n]: bf16 = gelu(sum[k](A[m, k] * B[k, n]) + BIAS[n])
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 97, 40), (1, 1, 1, 1, 59), (1, 2, 1025, 1025, 256)])
-def test_attention_3pass_matches_sdpa(shape):
+def test_attention_3pass_matches_sdpa(shape, attention_text):
+    """DESIGN.md's attention cascade, verbatim (the fixture in tests/conftest.py)."""
     b, h, sq, sk, d = shape
     q, k, v = randn(b, h, sq, d), randn(b, h, sk, d), randn(b, h, sk, d)
-    out = evaluate(parse(ATTENTION_3PASS), {"Q": q, "K": k, "V": v}, {"scale": d ** -0.5})
+    out = evaluate(parse(attention_text), {"Q": q, "K": k, "V": v}, {"scale": d ** -0.5})
     torch.testing.assert_close(out["O"], F.scaled_dot_product_attention(q, k, v), rtol=1e-10, atol=1e-12)
 
 
