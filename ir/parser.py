@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from kascade.ir import expr as E
 from kascade.ir.cascade import OPERATORS, Cascade, Einsum, ExtentDecl, Operator, Param, TensorDecl
 from kascade.ir.dtypes import DType
-from kascade.ir.errors import IRSyntaxError, KascadeError
+from kascade.ir.errors import CascadeError, IRSyntaxError, KascadeError
 from kascade.ir.expr import Expr, Op
 
 _TOKEN = re.compile(r"""
@@ -93,6 +93,7 @@ class _Parser:
         self.toks = tokenize(text)
         self.i = 0
         self.depth = 0
+        self.lines: dict[str, int] = {}  # statement output -> line, for the checker's errors
         self.params: set[str] = {
             self.toks[k + 1].text for k in range(len(self.toks) - 1)
             if self.toks[k].text == "param" and self.toks[k + 1].kind == "name"
@@ -193,6 +194,8 @@ class _Parser:
                 inits[tname] = (idx, self.expr(), start)
             else:
                 stmts.append(self.statement())
+                for out in stmts[-1].outputs:
+                    self.lines.setdefault(out, start.line)
             self.end_of_statement()
         stmts = self.attach_inits(stmts, inits)
         return Cascade(tuple(params), tuple(inputs), tuple(extents), tuple(stmts), name=name)
@@ -461,13 +464,22 @@ def _height(e: Expr) -> int:
 
 
 def parse(text: str, name: str = "cascade", validate: bool = True) -> Cascade:
-    """Parse cascade text; by default also check the result (see ``ir.validate``)."""
+    """Parse cascade text; by default also check the result (see ``ir.validate``).
+
+    A checker error about a statement is prefixed with that statement's line."""
     if not isinstance(text, str):
         raise IRSyntaxError(f"cascade text must be a str, got {type(text).__name__}", 1, 1)
-    cascade = _Parser(text).cascade(name)
+    parser = _Parser(text)
+    cascade = parser.cascade(name)
     if validate:
         from kascade.ir.validate import validate as check
-        check(cascade)
+        try:
+            check(cascade)
+        except CascadeError as err:
+            named = re.match(r"(?:Einsum|topk|sort) '(\w+)'", str(err))
+            if named and named.group(1) in parser.lines:
+                raise CascadeError(f"line {parser.lines[named.group(1)]}: {err}") from None
+            raise
     return cascade
 
 

@@ -360,3 +360,9 @@ def test_param_kinds_drive_inference():
                 "output O[p]: f32 = f32(A[p]) + B[p]\n")
     dtypes = infer_dtypes(cas)
     assert dtypes["A"] is i64 and dtypes["B"] is f32
+
+
+def test_checker_errors_from_text_name_the_line():
+    """A checker error about a parsed statement says on which line that statement is."""
+    with pytest.raises(CascadeError, match=r"^line 3: Einsum 'Y': rank 'j'"):
+        parse("input X[i]: f32\n\nY[i] = X[j]\noutput Z[i]: f32 = Y[i]\n")
