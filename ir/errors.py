@@ -38,3 +38,11 @@ class DTypeError(KascadeError):
 
 class RewriteError(KascadeError):
     """A pass that cannot apply to the cascade it was given (the message says why)."""
+
+
+class CodegenError(KascadeError):
+    """A schedule or expression that a code generator cannot render (the message names the op)."""
+
+
+class DeviceError(KascadeError):
+    """Tensors on a device the chosen backend cannot use, or on different devices."""

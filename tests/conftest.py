@@ -10,6 +10,16 @@ import torch
 os.environ.setdefault("KASCADE_CHECK_IR", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where a CUDA GPU is present and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none present)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A fresh seeded generator per test: random, reproducible, never zeros."""
