@@ -1,15 +1,18 @@
-"""kascade: a compiler-style kernel and execution-plan autotuner for LLM workloads."""
+"""kascade: a compiler-style kernel and execution-plan autotuner for LLM workloads.
+
+``import kascade`` registers the ``torch.ops.kascade.*`` operators (their schemas only:
+triton, jinja2 and the kernels load on the first call).
+"""
 
 from kascade.ir import Cascade, KascadeError, parse
+from kascade.ops import attention
+
+
+def compile(cascade, target="h200"):  # noqa: A001 - the name users expect, as torch.compile
+    """Schedule a cascade (text or value) for a target; see :mod:`kascade.compiled`."""
+    from kascade.compiled import compile as compile_cascade
+    return compile_cascade(cascade, target)
 
 __version__ = "0.1.0"
 
-__all__ = ["Cascade", "KascadeError", "attention", "parse", "__version__"]
-
-
-def __getattr__(name: str):
-    # the kernels' API pulls in torch, triton and jinja2: only when first used
-    if name == "attention":
-        from kascade.api import attention
-        return attention
-    raise AttributeError(f"module 'kascade' has no attribute {name!r}")
+__all__ = ["Cascade", "KascadeError", "attention", "compile", "parse", "__version__"]

@@ -1,0 +1,61 @@
+"""kascade's calls as torch operators: ``torch.ops.kascade.*``.
+
+Each operator has a fake (meta) implementation that only computes the output's shape,
+so ``torch.compile(fullgraph=True)`` traces through it without a graph break, and each
+passes ``torch.library.opcheck``. The real implementation is the Python API in
+``kascade.api`` (imported on first call, so registering the schemas costs no triton or
+jinja2 import). Optional arguments use sentinels the schema can carry: a window side of
+-1 is unbounded, a soft-cap of 0 is off.
+"""
+
+# No `from __future__ import annotations`: torch.library reads the annotations at
+# registration time to infer the operator's schema.
+
+import torch
+from torch import Tensor
+
+
+def _window(left: int, right: int) -> tuple[int, int] | None:
+    return None if left == right == -1 else (left, right)
+
+
+@torch.library.custom_op("kascade::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, window_left: int = -1,
+                 window_right: int = -1, softcap: float = 0.0, scale: float | None = None,
+                 backend: str | None = None) -> Tensor:
+    """``kascade.attention`` as an operator: (B, Hq, Sq, D) x (B, Hkv, Sk, D/Dv) -> (B, Hq, Sq, Dv)."""
+    from kascade.api import attention
+    return attention(q, k, v, causal=causal, window=_window(window_left, window_right), softcap=softcap or None,
+                     scale=scale, backend=backend)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, causal=False, window_left=-1, window_right=-1, softcap=0.0, scale=None, backend=None):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty((B, Hq, Sq, v.shape[-1]))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window: tuple[int, int] | None = None,
+              softcap: float | None = None, scale: float | None = None, backend: str | None = None,
+              out: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention with flash-attn / SDPA semantics (see ``kascade.api.attention``).
+
+    Goes through ``torch.ops.kascade.attention`` so that ``torch.compile`` sees one
+    operator; with ``out=`` (writing into a given buffer) it calls the API directly.
+    """
+    if out is not None or not _fits_schema(causal, window, softcap, scale, backend):
+        from kascade.api import attention as direct
+        return direct(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, backend=backend, out=out)
+    left, right = window if window is not None else (-1, -1)
+    return attention_op(q, k, v, causal, left, right, softcap or 0.0, scale, backend)
+
+
+def _fits_schema(causal, window, softcap, scale, backend) -> bool:
+    """Can the operator's typed arguments carry these values? Anything else goes to the API
+    directly, whose checks say what is accepted (a schema error would not)."""
+    def number(x):
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+    pair = window is None or (isinstance(window, (tuple, list)) and len(window) == 2 and all(
+        isinstance(w, int) and not isinstance(w, bool) for w in window))
+    return isinstance(causal, bool) and pair and number(softcap) and number(scale) and \
+        (backend is None or isinstance(backend, str))
