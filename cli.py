@@ -145,6 +145,61 @@ def _check_trace(trace, given: dict[str, int]) -> None:
     out.print(table)
 
 
+@app.command("compile")
+def compile_cmd(
+    target: str = typer.Argument(..., help="library cascade name or a file of cascade text"),
+    emit: str = typer.Option("triton", help="triton (source) | ptx (ahead-of-time, with resources) | cuda"),
+    gpu: str = typer.Option("h200", "--target", help="GPU target (see kascade.backends.targets)"),
+    extent: list[str] = typer.Option([], "--extent", "-x", help="NAME=INT: head dims (E, F), page size (M0), R"),
+) -> None:
+    """Emit the generated kernel source, PTX, or CUDA C++ for a cascade, with resource usage."""
+    try:
+        c = load(target)
+        ext = parse_extents(extent)
+        if emit == "cuda":
+            _emit_cuda(c, ext, gpu)
+            return
+        if emit not in ("triton", "ptx"):
+            raise KascadeError(f"unknown --emit {emit!r}; accepted: triton, ptx, cuda")
+        from kascade.compiled import compile as compile_cascade
+        kern = compile_cascade(c, gpu)
+        if emit == "triton":
+            out.print(kern.source(ext).text, markup=False)
+            return
+        k = kern.ptx(ext)
+        if not k.ok:
+            raise KascadeError(f"compiling {k.name} for {k.target} failed: {k.error}")
+        out.print(k.ptx, markup=False)
+        err.print(f"{k.name} on {k.target}: {k.registers} registers/thread, {k.shared_bytes} B shared, "
+                  f"spills: {'yes' if k.spills else 'none'}, fits: {k.fits}{'' if k.fits else ' (' + k.reason + ')'}")
+    except KascadeError as e:
+        _fail(e)
+
+
+def _emit_cuda(c: Cascade, ext: dict[str, int], gpu: str) -> None:
+    """The CUDA family is paged decode (split-KV partials + merge); its variant follows the
+    cascade's dtype and the head dims, page size and query heads per KV head given."""
+    from kascade.backends.nvcc import compile_cuda
+    from kascade.backends.targets import get_target
+    from kascade.codegen.paged_decode_cuda import default_params, render
+    names = {t.name for t in c.inputs}
+    if not {"Q", "KC", "VC", "BT", "SL"} <= names:
+        raise KascadeError("--emit cuda has one kernel family, paged decode: a cascade with inputs Q, KC, VC, "
+                           "BT, SL such as 'paged_decode' (use --emit triton or ptx for attention prefill)")
+    need = [x for x in ("E", "F", "M0", "R") if x not in ext]
+    if need:
+        raise KascadeError(f"--emit cuda needs {', '.join(need)}: -x E=128 -x F=128 -x M0=16 -x R=4")
+    softcap = any(p.name == "cap" for p in c.params)
+    src = render(default_params(c.input("Q").dtype, ext["E"], ext["F"], ext["M0"], ext["R"], softcap))
+    out.print(src.code, markup=False)
+    result = compile_cuda(src.code, get_target(gpu).arch)
+    if not result.ok:
+        raise KascadeError(f"nvcc failed for {get_target(gpu).arch}: {result.error}")
+    for k in result.kernels:
+        err.print(f"{k.name} on {result.arch}: {k.registers} registers/thread, {k.shared_bytes} B shared, "
+                  f"spill stores {k.spill_stores}, spill loads {k.spill_loads}")
+
+
 @app.command("analyze")
 def analyze_cmd(
     target: str = typer.Argument(..., help="library cascade name or a file of cascade text"),

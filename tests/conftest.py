@@ -53,6 +53,19 @@ def make_paged_cache(lens: list[int], block: int, G: int, E: int, F: int, gen: t
 
 
 @pytest.fixture
+def run_kascade():
+    """Run the ``kascade`` command line in a subprocess, as a user would."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, COLUMNS="200")
+        return subprocess.run([sys.executable, "-m", "kascade", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+    return run
+
+
+@pytest.fixture
 def paged_cache():
     """The :func:`make_paged_cache` builder (test modules cannot import conftest)."""
     return make_paged_cache

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from kascade.ir import CascadeError, parse
@@ -35,14 +31,8 @@ def test_checker_runs_after_every_step():
         lower(attention(), (bad,), check=True)
 
 
-def kascade(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "kascade", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def test_cli_lower_attention_print_after_all():
-    r = kascade("lower", "attention", "--print-after-all")
+def test_cli_lower_attention_print_after_all(run_kascade):
+    r = run_kascade("lower", "attention", "--print-after-all")
     assert r.returncode == 0, r.stderr
     assert "# ---- after input ---- passes over e: 1, m: 3" in r.stdout
     assert "# ---- after online_softmax ---- passes over e: 1, m0: 2, m1: 1" in r.stdout
@@ -50,18 +40,18 @@ def test_cli_lower_attention_print_after_all():
     assert "online_softmax" in r.stdout.split("reference evaluator")[1]
 
 
-def test_cli_lower_a_text_file(tmp_path):
+def test_cli_lower_a_text_file(tmp_path, run_kascade):
     f = tmp_path / "softmax.kc"
     f.write_text("input S[m, p]: f32\nGM[p] = max[m](S[m, p])\nSN[m, p] = exp(S[m, p] - GM[p])\n"
                  "SD[p] = sum[m](SN[m, p])\noutput O[m, p]: f32 = SN[m, p] / SD[p]\n")
     parse(f.read_text())
-    r = kascade("lower", str(f), "--pipeline", "none")
+    r = run_kascade("lower", str(f), "--pipeline", "none")
     assert r.returncode == 0, r.stderr
     assert "output O[m, p]: f32 = SN[m, p] / SD[p]" in r.stdout
 
 
-def test_cli_analyze():
-    r = kascade("analyze", "gemm", "-x", "M=64", "-x", "N=32", "-x", "K=16")
+def test_cli_analyze(run_kascade):
+    r = run_kascade("analyze", "gemm", "-x", "M=64", "-x", "N=32", "-x", "K=16")
     assert r.returncode == 0, r.stderr
     assert f"{2 * 64 * 32 * 16:,}" in r.stdout
 
@@ -71,14 +61,14 @@ def test_cli_analyze():
     (("analyze", "gemm", "-x", "M=abc"), "NAME=INT"),
     (("lower", "attention", "--pipeline", "fast"), "unknown pipeline"),
 ])
-def test_cli_bad_input_is_a_clear_error(args, message):
-    r = kascade(*args)
+def test_cli_bad_input_is_a_clear_error(args, message, run_kascade):
+    r = run_kascade(*args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_reports_a_syntax_error_with_its_position(tmp_path):
+def test_cli_reports_a_syntax_error_with_its_position(tmp_path, run_kascade):
     f = tmp_path / "bad.kc"
     f.write_text("input X[i]: f32\noutput Y[i]: f32 = X[i] +\n")
-    r = kascade("lower", str(f))
+    r = run_kascade("lower", str(f))
     assert r.returncode == 2 and "line 2, column" in r.stderr
