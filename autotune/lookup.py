@@ -1,0 +1,104 @@
+"""Runtime config lookup: which config a kernel call uses, and why.
+
+Order: a measured record for this exact shape bucket in the user's database; a measured
+record shipped with the package (``autotune/configs/*.json``, written by ``kascade
+export``); the nearest measured bucket of the same schedule, dtype, target and versions;
+otherwise ``None``, and the caller takes the config the cost model ranks first. A config
+is only used if the schedule still finds it feasible for the actual shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from kascade.autotune.db import TuningDatabase, TuningDatabaseError, TuningKey, TuningRecord, read_json
+from kascade.backends.targets import Target
+from kascade.passes.schedule import Config, Schedule
+
+SHIPPED = Path(__file__).parent / "configs"
+
+
+@cache
+def software_versions() -> str:
+    """What a tuned config depends on besides the schedule: a change is a miss."""
+    import torch
+    parts = []
+    for pkg in ("kascade", "triton", "torch"):
+        try:
+            parts.append(f"{pkg}={version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg}=unknown")
+    parts.append(f"cuda={torch.version.cuda or 'none'}")
+    return " ".join(parts)
+
+
+def target_key(target: Target) -> str:
+    return f"{target.name} ({target.arch})"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def shape_bucket(schedule: Schedule, extents: Mapping[str, int]) -> str:
+    """Head dims exactly (kernels are specialised to them); sequence lengths and the number of
+    (batch x head) programs rounded up to a power of two (at least 16)."""
+    c, body = schedule.cascade, schedule.kernels[0].body
+    ext = {role: extents[c.rank_extent(r)] for role, r in
+           (("E", body.head), ("F", body.vhead), ("P", body.query), ("M", body.key))}
+    heads = math.prod(extents[c.rank_extent(r)] for r in body.grid_ranks)
+    out = {"E": ext["E"], "F": ext["F"], "P": max(16, _pow2(ext["P"])), "M": max(16, _pow2(ext["M"])),
+           "heads": _pow2(heads)}
+    return ",".join(f"{k}={v}" for k, v in sorted(out.items()))
+
+
+def _parse_bucket(bucket: str) -> dict[str, int]:
+    return {k: int(v) for k, v in (item.split("=") for item in bucket.split(","))}
+
+
+def _distance(a: dict[str, int], b: dict[str, int]) -> float:
+    """Log-distance between buckets; infinite when the head dims differ."""
+    if a.keys() != b.keys() or a.get("E") != b.get("E") or a.get("F") != b.get("F"):
+        return math.inf
+    return sum(abs(math.log2(a[k]) - math.log2(b[k])) for k in a if k not in ("E", "F"))
+
+
+def lookup(schedule: Schedule, extents: Mapping[str, int], dtype: str, target: Target,
+           db: TuningDatabase | None = None, shipped: Path | None = SHIPPED,
+           sizes: Mapping[str, int] | None = None) -> tuple[Config, str] | None:
+    """``(config, why)`` from tuned records, or None (then the cost model decides)."""
+    key = TuningKey(schedule.key(), shape_bucket(schedule, extents), dtype, target_key(target),
+                    software_versions(), measured=True)
+
+    def usable(rec: TuningRecord | None) -> Config | None:
+        if rec is None:
+            return None
+        cfg = Config.of({k: int(v) for k, v in (item.split("=") for item in rec.config.split(","))})
+        return cfg if schedule.feasible(cfg, sizes) is None else None
+
+    db = db if db is not None else TuningDatabase()
+    if (cfg := usable(rec := db.best(key))) is not None:
+        return cfg, f"tuned: {rec.seconds * 1e6:.1f} us measured for bucket {key.bucket} ({rec.source})"
+    candidates = [r for r in db.records(schedule=key.schedule, dtype=dtype, target=key.target,
+                                        versions=key.versions, measured=True)]
+    for path in sorted(shipped.glob("*.json")) if shipped is not None and shipped.is_dir() else ():
+        try:
+            shipped_recs = read_json(path)
+        except TuningDatabaseError:
+            continue   # a broken shipped file is a miss, not a crash
+        for rec in shipped_recs:
+            if rec.key == key and (cfg := usable(rec)) is not None:
+                return cfg, f"shipped: {rec.seconds * 1e6:.1f} us measured for bucket {key.bucket} ({path.name})"
+            if (rec.key.schedule, rec.key.dtype, rec.key.target, rec.key.versions, rec.key.measured) == \
+                    (key.schedule, dtype, key.target, key.versions, True):
+                candidates.append(rec)
+    want = _parse_bucket(key.bucket)
+    ranked = sorted(candidates, key=lambda r: (_distance(want, _parse_bucket(r.key.bucket)), r.seconds))
+    for rec in ranked:
+        if _distance(want, _parse_bucket(rec.key.bucket)) < math.inf and (cfg := usable(rec)) is not None:
+            return cfg, f"nearest tuned bucket {rec.key.bucket} (asked {key.bucket})"
+    return None
