@@ -36,7 +36,8 @@ def test_best_record_wins_and_the_table_has_one_row_per_key(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("schedule", "attention_prefill:other"),
-                                          ("bucket", "E=64,F=64,M=16,P=16,heads=1"), ("dtype", "f16"), ("target", "a100-80gb (sm_80)"),
+                                          ("bucket", "E=64,F=64,M=16,P=16,heads=1"), ("dtype", "f16"),
+                                          ("target", "a100-80gb (sm_80)"),
                                           ("versions", "kascade=0.1.0 triton=3.9.0 torch=2.11 cuda=13.0")])
 def test_any_change_of_key_is_a_miss(tmp_path, field, value):
     db = db_at(tmp_path)
