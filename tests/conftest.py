@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("KASCADE_CHECK_IR", "1")
+# generated kernels and the default tuning database of the run stay out of the user's cache
+os.environ.setdefault("KASCADE_CACHE_DIR", tempfile.mkdtemp(prefix="kascade-tests-"))
 
 
 def pytest_collection_modifyitems(config, items):

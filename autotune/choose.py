@@ -1,0 +1,61 @@
+"""Which config a kernel call runs, and why (printed with ``KASCADE_DEBUG=1``).
+
+1. a tuned record for this schedule, shape bucket, dtype, target and software versions
+   (the user's database, then configs shipped with kascade, then the nearest tuned bucket);
+2. otherwise the config the roofline model ranks first for this shape on this target.
+
+The target is the GPU the tensors live on; CPU runs (the interpreter) rank for the H200.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+
+import torch
+
+from kascade.autotune.db import TuningDatabase
+from kascade.autotune.lookup import lookup
+from kascade.backends.model import rank_configs
+from kascade.backends.targets import Target, get_target, target_for_device
+from kascade.ir.errors import KascadeError
+from kascade.passes.schedule import Config, Schedule
+
+_DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+CPU_TARGET = "h200"
+
+
+@lru_cache(maxsize=8)
+def device_target(device: torch.device) -> Target:
+    """The target table's entry for a CUDA device (the H200 for CPU runs)."""
+    if device.type != "cuda":
+        return get_target(CPU_TARGET)
+    props = torch.cuda.get_device_properties(device)
+    try:
+        return target_for_device(props.major, props.minor, props.multi_processor_count, props.total_memory)
+    except KascadeError:
+        return get_target(CPU_TARGET)
+
+
+@lru_cache(maxsize=1)
+def _database() -> TuningDatabase:
+    return TuningDatabase()
+
+
+def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.dtype, device: torch.device,
+                  params: Mapping[str, int | float] | None = None,
+                  db: TuningDatabase | None = None) -> tuple[Config, str]:
+    """``(config, why)`` for one call of a prefill-attention schedule."""
+    c, body = schedule.cascade, schedule.kernels[0].body
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {"E": extents[c.rank_extent(body.head)], "F": extents[c.rank_extent(body.vhead)], "itemsize": itemsize}
+    target = device_target(device)
+    found = lookup(schedule, extents, _DTYPE_NAMES[dtype], target, db or _database(), sizes=sizes)
+    if found is not None:
+        return found
+    ranked = rank_configs(schedule, extents, target, itemsize, params)
+    if not ranked:
+        raise KascadeError(f"no feasible config for {schedule.key()} at {dict(extents)}")
+    pred, cfg = ranked[0]
+    return cfg, (f"cost model's first of {len(ranked)} on {target.name}: {pred.seconds * 1e6:.1f} us predicted, "
+                 f"{pred.bound}-bound")
