@@ -200,6 +200,23 @@ def _emit_cuda(c: Cascade, ext: dict[str, int], gpu: str) -> None:
                   f"spill stores {k.spill_stores}, spill loads {k.spill_loads}")
 
 
+@app.command("report")
+def report_cmd(
+    out_dir: Path = typer.Option(Path("kascade-report"), "--out", help="folder for report.md / .html / .json"),
+    storage: str = typer.Option(None, help="tuning database URL (default: the SQLite file in the cache dir)"),
+    gpu: str = typer.Option(None, "--target", help="only this GPU target"),
+) -> None:
+    """Write the tuning report: rooflines, achieved fractions, search history, model error, configs."""
+    from kascade.report import report_command
+    try:
+        paths = report_command(storage, out_dir, gpu)
+    except KascadeError as e:
+        _fail(e)
+    for w in paths.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    out.print(f"wrote {paths.markdown}, {paths.html}, {paths.json}")
+
+
 @app.command("analyze")
 def analyze_cmd(
     target: str = typer.Argument(..., help="library cascade name or a file of cascade text"),
