@@ -59,3 +59,65 @@ def _fits_schema(causal, window, softcap, scale, backend) -> bool:
         isinstance(w, int) and not isinstance(w, bool) for w in window))
     return isinstance(causal, bool) and pair and number(softcap) and number(scale) and \
         (backend is None or isinstance(backend, str))
+
+
+@torch.library.custom_op("kascade::attention_varlen", mutates_args=())
+def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                        max_seqlen_q: int, max_seqlen_k: int, causal: bool = False, window_left: int = -1,
+                        window_right: int = -1, softcap: float = 0.0, scale: float | None = None,
+                        backend: str | None = None) -> Tensor:
+    """``kascade.attention_varlen``: packed (total_q, Hq, D) x (total_k, Hkv, D/Dv) -> (total_q, Hq, Dv)."""
+    from kascade.api import attention_varlen
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                            window=_window(window_left, window_right), softcap=softcap or None, scale=scale,
+                            backend=backend)
+
+
+@attention_varlen_op.register_fake
+def _attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                           window_left=-1, window_right=-1, softcap=0.0, scale=None, backend=None):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+
+
+@torch.library.custom_op("kascade::paged_decode_attention", mutates_args=())
+def paged_decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                              softcap: float = 0.0, scale: float | None = None, num_splits: int | None = None,
+                              backend: str | None = None) -> Tensor:
+    """``kascade.paged_decode_attention``: q (B, Hq, D), caches (blocks, block size, Hkv, D/Dv) -> (B, Hq, Dv)."""
+    from kascade.api import paged_decode_attention
+    return paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, softcap=softcap or None, scale=scale,
+                                  num_splits=num_splits, backend=backend)
+
+
+@paged_decode_attention_op.register_fake
+def _paged_decode_fake(q, k_cache, v_cache, block_table, seq_lens, softcap=0.0, scale=None, num_splits=None,
+                       backend=None):
+    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, *, causal: bool = False, window: tuple[int, int] | None = None,
+                     softcap: float | None = None, scale: float | None = None, backend: str | None = None,
+                     out: Tensor | None = None) -> Tensor:
+    """Attention over packed sequences in flash-attn's varlen layout (see ``kascade.api.attention_varlen``)."""
+    ints = all(isinstance(n, int) and not isinstance(n, bool) for n in (max_seqlen_q, max_seqlen_k))
+    if out is not None or not ints or not _fits_schema(causal, window, softcap, scale, backend):
+        from kascade.api import attention_varlen as direct
+        return direct(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, window=window,
+                      softcap=softcap, scale=scale, backend=backend, out=out)
+    left, right = window if window is not None else (-1, -1)
+    return attention_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, left, right,
+                               softcap or 0.0, scale, backend)
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, *,
+                           softcap: float | None = None, scale: float | None = None, num_splits: int | None = None,
+                           backend: str | None = None, out: Tensor | None = None) -> Tensor:
+    """Decode attention over a paged KV cache (see ``kascade.api.paged_decode_attention``)."""
+    splits_ok = num_splits is None or (isinstance(num_splits, int) and not isinstance(num_splits, bool))
+    if out is not None or not splits_ok or not _fits_schema(False, None, softcap, scale, backend):
+        from kascade.api import paged_decode_attention as direct
+        return direct(q, k_cache, v_cache, block_table, seq_lens, softcap=softcap, scale=scale,
+                      num_splits=num_splits, backend=backend, out=out)
+    return paged_decode_attention_op(q, k_cache, v_cache, block_table, seq_lens, softcap or 0.0, scale, num_splits,
+                                     backend)

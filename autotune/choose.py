@@ -9,7 +9,7 @@ The target is the GPU the tensors live on; CPU runs (the interpreter) rank for t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 import torch
@@ -43,9 +43,15 @@ def _database() -> TuningDatabase:
 
 
 def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.dtype, device: torch.device,
-                  params: Mapping[str, int | float] | None = None,
-                  db: TuningDatabase | None = None) -> tuple[Config, str]:
-    """``(config, why)`` for one call of a prefill-attention schedule."""
+                  params: Mapping[str, int | float] | None = None, db: TuningDatabase | None = None,
+                  compiles_cleanly: Callable[[Config, Target], str | None] | None = None,
+                  tries: int = 8) -> tuple[Config, str]:
+    """``(config, why)`` for one call of a prefill-attention schedule.
+
+    ``compiles_cleanly(config, target)``, when given, compiles a candidate ahead of time and
+    says why it is unusable (spills, does not fit) or None: the model's ranking is walked
+    until a candidate passes (at most ``tries``), since the model's register and shared-memory
+    estimates are only estimates."""
     c, body = schedule.cascade, schedule.kernels[0].body
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {"E": extents[c.rank_extent(body.head)], "F": extents[c.rank_extent(body.vhead)], "itemsize": itemsize}
@@ -56,6 +62,37 @@ def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.d
     ranked = rank_configs(schedule, extents, target, itemsize, params)
     if not ranked:
         raise KascadeError(f"no feasible config for {schedule.key()} at {dict(extents)}")
-    pred, cfg = ranked[0]
-    return cfg, (f"cost model's first of {len(ranked)} on {target.name}: {pred.seconds * 1e6:.1f} us predicted, "
-                 f"{pred.bound}-bound")
+    rejected = []
+    for i, (pred, cfg) in enumerate(ranked[:tries] if compiles_cleanly else ranked[:1]):
+        why_not = compiles_cleanly(cfg, target) if compiles_cleanly else None
+        if why_not is None:
+            skipped = f"; skipped {'; '.join(rejected)}" if rejected else ""
+            return cfg, (f"cost model's #{i + 1} of {len(ranked)} on {target.name}: {pred.seconds * 1e6:.1f} us "
+                         f"predicted, {pred.bound}-bound{skipped}")
+        rejected.append(f"{cfg.key()} ({why_not})")
+    raise KascadeError(f"none of the cost model's first {tries} configs compiles cleanly for {target.name}: "
+                       + "; ".join(rejected))
+
+
+@lru_cache(maxsize=512)
+def _compile(src, target: Target):
+    from kascade.backends.aot import compile_kernel
+    return compile_kernel(src, target)
+
+
+def aot_check(schedule: Schedule, head_sizes: Mapping[str, int]) -> Callable[[Config, Target], str | None]:
+    """A ``compiles_cleanly`` that renders the candidate and compiles it ahead of time for the
+    target with Triton: unusable if it fails, does not fit, or spills registers."""
+    from kascade.codegen.attention_prefill import render
+    sizes = dict(head_sizes)
+
+    def check(cfg: Config, target: Target) -> str | None:
+        k = _compile(render(schedule, cfg, sizes), target)
+        if not k.ok:
+            return f"does not compile: {(k.error or '').splitlines()[0][:100]}"
+        if not k.fits:
+            return k.reason
+        if k.spills:
+            return f"spills {k.stack_bytes + k.local_bytes} bytes per thread"
+        return None
+    return check

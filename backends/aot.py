@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kascade.backends.targets import Target, get_target
 from kascade.backends.triton import kernel
-from kascade.codegen.attention_prefill import KernelSource
+from kascade.codegen.source import KernelSource
 from kascade.ir.dtypes import DType
 from kascade.ir.errors import KascadeError
 

@@ -31,10 +31,8 @@ from kascade.codegen.paged_decode_cuda import (
 )
 from kascade.ir.dtypes import DType
 from kascade.ir.errors import DeviceError, DTypeError, KascadeError, ShapeError
+from kascade.passes.schedule_decode import MAX_SPLITS, default_num_splits  # one rule for both backends
 
-MAX_SPLITS = 1024
-MIN_KEYS_PER_SPLIT = 64      # fewer keys per split than this and the merge's traffic stops paying off
-BLOCKS_PER_SM_TARGET = 4     # partial-kernel blocks per SM that the default split count aims for
 NVRTC_OPTIONS = ("--std=c++17",)
 _DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.F16, torch.float32: DType.F32}
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -132,20 +130,6 @@ def check_inputs(q, k_cache, v_cache, block_table, seq_lens) -> PagedDecodeShape
         raise ShapeError(f"seq_lens[{bad}]={int(seq_lens[bad])} is outside 0..{capacity}, the cache capacity "
                          f"max_blocks * block_size = {max_blocks} * {BS} of the block table")
     return PagedDecodeShape(B, Hq, Hkv, D, Dv, BS, max_blocks, _DTYPES[q.dtype], hi)
-
-
-def default_num_splits(batch_kv_heads: int, max_seq_len: int, block_size: int, sm_count: int) -> int:
-    """Splits per sequence so that ``batch_kv_heads * splits`` blocks fill the GPU
-    (``BLOCKS_PER_SM_TARGET`` per SM), keeping at least ``MIN_KEYS_PER_SPLIT`` keys per split
-    and at least one cache block per split."""
-    if max_seq_len <= 0 or batch_kv_heads <= 0:
-        return 1
-    target = BLOCKS_PER_SM_TARGET * sm_count
-    if batch_kv_heads >= target:
-        return 1
-    splits = min(math.ceil(target / batch_kv_heads), max(1, max_seq_len // MIN_KEYS_PER_SPLIT),
-                 math.ceil(max_seq_len / block_size), MAX_SPLITS)
-    return max(1, splits)
 
 
 def sm_count(device: torch.device) -> int:

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kascade.codegen.attention_prefill import KernelSource
+from kascade.codegen.paged_decode import PagedDecodeSources
 from kascade.codegen.paths import kernel_cache_dir
+from kascade.codegen.source import KernelSource
 from kascade.ir.dtypes import DType, Kind
 from kascade.ir.errors import KascadeError, ShapeError
 
@@ -149,18 +150,39 @@ def run(src: KernelSource, tensors: Mapping[str, torch.Tensor], params: Mapping[
     elif tuple(out.shape) != shape:
         raise ShapeError(f"out= has shape {list(out.shape)}; the output {role.name}{list(role.ranks)} "
                          f"needs {list(shape)}")
-    if not interpret and any(t.device.type != "cuda" for t in (*tensors.values(), out)):
+    launch(src, {**tensors, role.name: out}, params, extents, interpret=interpret, directory=directory)
+    return out
+
+
+def launch(src: KernelSource, tensors: Mapping[str, torch.Tensor], params: Mapping[str, int | float],
+           extents: Mapping[str, int], *, interpret: bool, directory: Path | None = None) -> None:
+    """Launch ``src`` with every tensor it reads or writes given by name (outputs included)."""
+    if not interpret and any(t.device.type != "cuda" for t in tensors.values()):
         raise KascadeError("the triton backend runs CUDA tensors; use backend='interpret' for CPU tensors")
     grid = src.grid_size(extents)
     if 0 in grid:
-        return out
-    args = launch_args(src, {**tensors, role.name: out}, params, extents)
+        return
+    args = launch_args(src, tensors, params, extents)
     fn: Callable = kernel(src, interpret=interpret, directory=directory)[grid]
     consts = dict(src.constexprs)
     if interpret:
         with _interpreting():
             fn(*args, **consts)
     else:
-        with torch.cuda.device(out.device):   # Triton launches on the current device
+        with torch.cuda.device(next(iter(tensors.values())).device):   # Triton launches on the current device
             fn(*args, **consts, num_warps=src.num_warps, num_stages=src.num_stages)
-    return out
+
+
+def run_paged_decode(sources: PagedDecodeSources, tensors: Mapping[str, torch.Tensor],
+                     params: Mapping[str, int | float], extents: Mapping[str, int], num_splits: int, *,
+                     interpret: bool, out: torch.Tensor | None = None, directory: Path | None = None) -> torch.Tensor:
+    """Split-KV decode: the partial kernel writes each split's max, sum and numerator into a
+    fresh fp32 workspace (from torch's allocator, so ordered on the current stream), the merge
+    kernel reads them and writes the output. ``extents`` binds the cascade's extents; the
+    split extent is bound to ``num_splits`` here."""
+    extents = {**extents, sources.split_extent: num_splits}
+    device = next(iter(tensors.values())).device
+    workspace = {role.name: torch.empty(tuple(extents[x] for x in dims), dtype=torch.float32, device=device)
+                 for role, dims in sources.workspace}
+    launch(sources.partial, {**tensors, **workspace}, params, extents, interpret=interpret, directory=directory)
+    return run(sources.merge, workspace, params, extents, interpret=interpret, out=out, directory=directory)

@@ -6,22 +6,20 @@ leaf values it needs from the schedule: the kernel's arguments (pointers, one st
 dim, extents, params), the score and output expressions lowered by
 :mod:`kascade.codegen.triton_expr`, the key-loop bounds implied by the mask, and the
 variant's readable name (``attn_fwd_causal_d128_bm64_bn64_w4_s2_fp16_1a2b3c4d``; the last
-part is a hash of what the kernel computes, so two cascades never share a file).
+part is a hash of what the kernel computes, so two cascades never share a file). A varlen
+schedule (packed sequences) renders the same template with its switch on: each program reads
+its sequence's start and lengths from the offsets, and the mask's ``M - P`` becomes that
+sequence's ``seqlen_k - seqlen_q``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
-import jinja2
-
-from kascade.codegen.paths import kernel_cache_dir, write_if_changed
+from kascade.codegen.source import DTYPE_NAMES, ArgumentBuilder, KernelArg, KernelSource, template
 from kascade.codegen.triton_expr import Binding, TensorArg, emit
 from kascade.ir import expr as E
 from kascade.ir.dtypes import DType
@@ -29,63 +27,13 @@ from kascade.ir.errors import CodegenError
 from kascade.ir.expr import Expr, Op, extents_used, free_ranks
 from kascade.passes.schedule import Config, Schedule, TensorRole, padded_head_dim
 
+__all__ = ["KernelArg", "KernelSource", "render", "variant_name"]   # KernelArg / KernelSource: codegen.source
+
 TEMPLATE = Path(__file__).with_name("attention_prefill.py.j2")
-DTYPE_NAMES = {DType.F16: "fp16", DType.BF16: "bf16", DType.F32: "fp32"}
 _LOCALS = {"start_p", "pid_h", "rest", "offs_p", "offs_n", "offs_e", "offs_f", "offs_m", "p_in", "e_in", "f_in",
            "m_in", "q_base", "k_base", "v_base", "o_base", "q", "k", "v", "qk", "s", "m_i", "l_i", "acc", "m_new",
            "m_use", "pr", "alpha", "out", "p_first", "p_last", "lo", "hi", "start_n", "tl", "triton", "float",
-           "range", "BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F"}
-
-
-@dataclass(frozen=True)
-class KernelArg:
-    """One runtime argument: ``kind`` is ``pointer`` (tensor ``ref``), ``stride`` (dim ``dim``
-    of tensor ``ref``), ``extent`` (symbol ``ref``) or ``param`` (param ``ref``); ``dtype`` is
-    the tensor's element type or the param's type."""
-    name: str
-    kind: str
-    ref: str
-    dim: int = -1
-    dtype: DType | None = None
-
-
-@dataclass(frozen=True)
-class KernelSource:
-    """A rendered kernel module and everything needed to launch or compile it."""
-    name: str
-    text: str
-    args: tuple[KernelArg, ...]
-    constexprs: tuple[tuple[str, int], ...]
-    num_warps: int
-    num_stages: int
-    grid: tuple[tuple[tuple[str, ...], str | None], ...]   # per axis: extent symbols multiplied, tile constexpr
-    output: TensorRole
-    output_extents: tuple[str, ...]   # the extent symbol of each dim of the output
-
-    def grid_size(self, extents: Mapping[str, int]) -> tuple[int, ...]:
-        consts = dict(self.constexprs)
-        return tuple(math.prod(extents[x] for x in syms) if tile is None
-                     else -(-math.prod(extents[x] for x in syms) // consts[tile]) for syms, tile in self.grid)
-
-    def write(self, directory: Path | None = None) -> Path:
-        """The module's file under the kernel cache, written only if its content changed."""
-        path = (directory or kernel_cache_dir()) / f"{self.name}.py"
-        write_if_changed(path, self.text)
-        return path
-
-
-class _Names:
-    """Kernel-local identifiers: the preferred name unless taken."""
-
-    def __init__(self):
-        self.taken = set(_LOCALS)
-
-    def take(self, preferred: str) -> str:
-        name, i = preferred, 2
-        while name in self.taken:
-            name, i = f"{preferred}_{i}", i + 1
-        self.taken.add(name)
-        return name
+           "range", "BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_F", "start_q", "start_k"}
 
 
 def variant_name(schedule: Schedule, config: Config, block_e: int, block_f: int, dtype: DType) -> str:
@@ -94,15 +42,20 @@ def variant_name(schedule: Schedule, config: Config, block_e: int, block_f: int,
     tags = re.sub(r"[^a-z0-9]+", "_", tags).strip("_")
     dims = f"d{block_e}" + (f"v{block_f}" if block_f != block_e else "")
     what = "\n".join(str(x) for x in (body.score, body.output, body.q, body.k, body.v, body.out, body.extra_inputs))
+    if body.packed is not None:
+        what += f"\n{body.packed}"
     digest = hashlib.sha256(what.encode()).hexdigest()[:8]
-    parts = ["attn_fwd", tags, dims, f"bm{config['BLOCK_M']}", f"bn{config['BLOCK_N']}", f"w{config['num_warps']}",
-             f"s{config['num_stages']}", DTYPE_NAMES[dtype], digest]
+    parts = ["attn_fwd", "varlen" if body.packed is not None else "", tags, dims, f"bm{config['BLOCK_M']}",
+             f"bn{config['BLOCK_N']}", f"w{config['num_warps']}", f"s{config['num_stages']}", DTYPE_NAMES[dtype],
+             digest]
     return "_".join(p for p in parts if p)
 
 
 def render(schedule: Schedule, config: Config, sizes: Mapping[str, int]) -> KernelSource:
     """The kernel module for ``config`` at head dims ``sizes`` (extent symbols of the two head
-    ranks; the tile width is their padded power of two, the kernel masks the rest)."""
+    ranks; the tile width is their padded power of two, the kernel masks the rest). A varlen
+    schedule (:func:`~kascade.passes.schedule.attention_varlen_schedule`) renders the same
+    template with its packed-sequence switch on."""
     why = schedule.feasible(config, _head_sizes(schedule, sizes))
     if why is not None:
         raise CodegenError(f"config {config.key()} is not feasible: {why}")
@@ -116,10 +69,11 @@ def _head_sizes(schedule: Schedule, sizes: Mapping[str, int]) -> dict[str, int]:
     return {**out, "itemsize": body.q.dtype.itemsize}
 
 
-class _Emitter:
+class _Emitter(ArgumentBuilder):
     def __init__(self, schedule: Schedule, config: Config, sizes: Mapping[str, int]):
+        super().__init__(schedule.cascade, _LOCALS)
         self.s, self.cfg = schedule, config
-        self.c, self.b = schedule.cascade, schedule.kernels[0].body
+        self.b = schedule.kernels[0].body
         head = _head_sizes(schedule, sizes)
         if "E" not in head or "F" not in head:
             want = [self.extent(self.b.head), self.extent(self.b.vhead)]
@@ -128,47 +82,24 @@ class _Emitter:
         self.dtype = self.b.q.dtype
         if self.dtype not in DTYPE_NAMES:
             raise CodegenError(f"prefill attention kernels take fp16, bf16 or fp32 inputs, not {self.dtype}")
-        self.names = _Names()
-        self.args: list[KernelArg] = []
-        self.extent_args: dict[str, str] = {}   # canonical extent symbol -> argument name
-
-    def extent(self, rank: str) -> str:
-        return self.c.rank_extent(rank)
-
-    # ---- arguments ---------------------------------------------------------------------
-    def add(self, preferred: str, kind: str, ref: str, dim: int = -1, dtype: DType | None = None) -> str:
-        name = self.names.take(preferred)
-        self.args.append(KernelArg(name, kind, ref, dim, dtype))
-        return name
-
-    def tensor(self, role: TensorRole) -> tuple[str, dict[str, str]]:
-        """Pointer argument and one stride argument per rank of ``role``."""
-        ptr = self.add(role.name if role.name[:1].isupper() else f"ptr_{role.name}", "pointer", role.name,
-                       dtype=role.dtype)
-        return ptr, {r: f"stride_{role.name.lower()}_{r}" for r in role.ranks}
-
-    def strides(self, role: TensorRole, strides: dict[str, str]) -> None:
-        for i, r in enumerate(role.ranks):
-            strides[r] = self.add(strides[r], "stride", role.name, i)
-
-    def extent_arg(self, symbol: str, preferred: str | None = None) -> str:
-        canon = self.c.canonical_extent(symbol)
-        if canon not in self.extent_args:
-            self.extent_args[canon] = self.add(preferred or f"extent_{canon}", "extent", canon)
-        return self.extent_args[canon]
 
     # ---- the module ----------------------------------------------------------------------
     def render(self) -> KernelSource:
         b, c = self.b, self.c
+        packed = b.packed
         roles = [b.q, b.k, b.v, b.out, *b.extra_inputs]
-        tensors = [self.tensor(r) for r in roles]
-        for role, (_, strides) in zip(roles, tensors):
-            self.strides(role, strides)
+        if packed is not None:
+            roles += [packed.query_starts, packed.key_starts]
+        tensors = self.tensors(roles)
         (q_ptr, sq), (k_ptr, sk), (v_ptr, sv), (o_ptr, so) = tensors[:4]
         idx = {r: self.names.take(f"idx_{r}") for r in b.grid_ranks}
         sizes = {r: self.extent_arg(self.extent(r), f"size_{r}") for r in b.grid_ranks}
-        seqlen_q = self.extent_arg(self.extent(b.query), "seqlen_q")
-        seqlen_k = self.extent_arg(self.extent(b.key), "seqlen_k")
+        if packed is None:
+            seqlen_q = self.extent_arg(self.extent(b.query), "seqlen_q")
+            seqlen_k = self.extent_arg(self.extent(b.key), "seqlen_k")
+        else:   # each program's sequence lengths come from the offsets, not from arguments
+            seqlen_q = self.extent_local(self.extent(b.query), "seqlen_q")
+            seqlen_k = self.extent_local(self.extent(b.key), "seqlen_k")
         head_dim = self.extent_arg(self.extent(b.head), "head_dim")
         head_dim_v = self.extent_arg(self.extent(b.vhead), "head_dim_v")
         for expr in (b.score, b.output):
@@ -202,8 +133,20 @@ class _Emitter:
                                      {b.denominator: "l_i[:, None]", b.numerator: "acc"}))
         bounds = [self.bound(kb, tile({}, {})) for kb in b.key_bounds]
 
+        starts = {}
+        if packed is not None:   # packed rows: the sequence's first row instead of a batch stride
+            (cq_ptr, scq), (ck_ptr, sck) = tensors[-2:]
+            s_idx = idx[packed.rank]
+            starts = {b.query: "start_q", b.key: "start_k"}
+            seq = [f"start_q = tl.load({cq_ptr} + {s_idx} * {scq[packed.rank]})",
+                   f"{seqlen_q} = tl.load({cq_ptr} + ({s_idx} + 1) * {scq[packed.rank]}) - start_q",
+                   f"start_k = tl.load({ck_ptr} + {s_idx} * {sck[packed.rank]})",
+                   f"{seqlen_k} = tl.load({ck_ptr} + ({s_idx} + 1) * {sck[packed.rank]}) - start_k"]
+
         def offset(ptr: str, role: TensorRole, strides: dict[str, str]) -> str:
-            return " + ".join([ptr, *(f"{idx[r]} * {strides[r]}" for r in role.ranks if r in idx)])
+            terms = [f"{idx[r]} * {strides[r]}" for r in role.ranks if r in idx]
+            terms += [f"{starts[r]}.to(tl.int64) * {strides[r]}" for r in role.ranks if r in starts]
+            return " + ".join([ptr, *terms])
 
         decompose, grid_ranks = [], list(b.grid_ranks)
         if len(grid_ranks) == 1:
@@ -225,20 +168,18 @@ class _Emitter:
             stride_o_p=so[b.query], stride_o_f=so[b.vhead], prologue=prologue, bounds=bounds,
             has_lower=any(kb.side == "lower" for kb in b.key_bounds), score=score, output=output,
             out_pointer=o_ptr, dot_kwargs=', input_precision="ieee"' if self.dtype is DType.F32 else "",
+            varlen=packed is not None, sequence=seq if packed is not None else [],
+            packed_doc=(f"sequence {packed.rank}: rows [{packed.query_starts.name}[{packed.rank}], "
+                        f"{packed.query_starts.name}[{packed.rank} + 1]) of {b.q.name} / {b.out.name}, "
+                        f"[{packed.key_starts.name}[{packed.rank}], {packed.key_starts.name}[{packed.rank} + 1]) "
+                        f"of {b.k.name} / {b.v.name}") if packed is not None else "",
         )
-        text = _template().render(p=p)
+        text = template(TEMPLATE).render(p=p)
         consts = (("BLOCK_M", self.cfg["BLOCK_M"]), ("BLOCK_N", self.cfg["BLOCK_N"]),
                   ("BLOCK_E", self.block_e), ("BLOCK_F", self.block_f))
         grid = (((self.extent(b.query),), "BLOCK_M"), (tuple(self.extent(r) for r in b.grid_ranks), None))
         return KernelSource(name, text, tuple(self.args), consts, self.cfg["num_warps"], self.cfg["num_stages"],
                             grid, b.out, tuple(self.extent(r) for r in b.out.ranks))
-
-    def arg_lines(self) -> list[str]:
-        """The signature, one line per group: pointers, each tensor's strides, extents, params."""
-        groups: dict[tuple[str, str], list[str]] = {}
-        for a in self.args:
-            groups.setdefault((a.kind, a.ref if a.kind == "stride" else ""), []).append(a.name)
-        return [", ".join(names) for names in groups.values()]
 
     def bound(self, kb, binding: Binding) -> dict[str, str]:
         """``hi = min(hi, max_p(coeff * p + offset) + 1)`` or ``lo = max(lo, min_p(coeff * p + offset))``
@@ -254,10 +195,3 @@ class _Emitter:
                                    binding.tensors, binding.in_range))
         line = f"hi = tl.minimum(hi, {text})" if upper else f"lo = tl.maximum(lo, {text})"
         return {"line": line, "source": str(kb.source)}
-
-
-@cache
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined, autoescape=False)
-    return env.from_string(TEMPLATE.read_text())

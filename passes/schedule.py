@@ -12,13 +12,16 @@ a loop) and extracts what a kernel template needs: the score expression (with th
 contraction node kept in place, for the template to bind to its ``qk`` tile), the
 output expression, the roles of Q, K, V and of every rank, and the bounds on the key
 rank that the mask implies (for skipping key tiles that no query of a tile sees).
+:func:`attention_varlen_schedule` is the same kernel over packed variable-length sequences.
+The paged-decode (split-KV) schedule is in :mod:`kascade.passes.schedule_decode`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
+from typing import Any
 
 from kascade.ir import expr as E
 from kascade.ir.cascade import Cascade, Einsum
@@ -125,6 +128,19 @@ class AttentionPrefill:
     numerator: Expr               # AV[..] as the output reads it: AV = sum[m](exp(S - GM) * V)
     key_bounds: tuple[KeyBound, ...]
     extra_inputs: tuple[TensorRole, ...]   # other inputs the score or output read (ALiBi slopes, ...)
+    packed: PackedSequences | None = None  # varlen: sequences packed along the query and key ranks
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """The varlen layout (flash-attn's ``cu_seqlens``): the batch-like rank ``rank`` numbers
+    sequences packed along the query and key ranks. Sequence ``s`` owns rows
+    ``[QS[s], QS[s + 1])`` of Q and the output and ``[KS[s], KS[s + 1])`` of K and V; the query
+    and key extents (``P``, ``M``) are that sequence's lengths, so a mask written with ``M - P``
+    is aligned within each sequence."""
+    rank: str
+    query_starts: TensorRole   # QS[s]: i32, S + 1 entries
+    key_starts: TensorRole     # KS[s]: i32, S + 1 entries
 
 
 @dataclass(frozen=True)
@@ -134,7 +150,7 @@ class Kernel:
     family: str
     grid: tuple[tuple[tuple[str, ...], str | None], ...]   # per grid axis: (ranks, tile parameter or None)
     loops: tuple[tuple[str, str], ...]                      # (rank, tile parameter) streamed in order
-    body: AttentionPrefill
+    body: Any                                               # what it computes: AttentionPrefill, PagedDecode
 
 
 @dataclass(frozen=True)
@@ -247,9 +263,51 @@ def attention_prefill_schedule(cascade: Cascade, *, query: str | None = None) ->
     return Schedule(validate(cascade), (kernel,), PREFILL_SPACE, PREFILL_CONSTRAINTS)
 
 
+def attention_varlen_schedule(cascade: Cascade, *, sequence: str | None = None,
+                              query: str | None = None) -> Schedule:
+    """The prefill kernel over packed variable-length sequences (flash-attn's varlen layout).
+
+    ``cascade`` is a dense attention cascade: the attention of *one* sequence, batched over
+    the rank ``sequence`` (default: the first batch-like rank, ``b`` in the library's). The
+    kernel reads Q / the output packed as ``[p, <other ranks>]`` and K / V as ``[m, <other
+    ranks>]`` (``sequence`` dropped), with each sequence's start and length taken from two
+    offset tensors (``cu_seqlens_q`` / ``cu_seqlens_k``). Grid: (query tiles of the longest
+    sequence, sequences x heads); programs past their sequence's end exit at once.
+    """
+    base = attention_prefill_schedule(cascade, query=query)
+    kernel = base.kernels[0]
+    body = kernel.body
+    seq = sequence or (body.grid_ranks[0] if body.grid_ranks else None)
+    if seq not in body.grid_ranks:
+        raise ScheduleError(f"attention_varlen_schedule({cascade.name}): the sequence rank must be one of the "
+                            f"batch-like ranks {list(body.grid_ranks)}, got {seq!r}")
+    for role in (body.q, body.k, body.v, body.out):
+        if seq not in role.ranks:
+            raise ScheduleError(f"attention_varlen_schedule({cascade.name}): {role.name}{list(role.ranks)} is not "
+                                f"indexed by the sequence rank {seq!r}, so it cannot be packed")
+
+    def pack(role: TensorRole, along: str) -> TensorRole:
+        return TensorRole(role.name, (along, *(r for r in role.ranks if r not in (seq, along))), role.dtype)
+
+    starts = [TensorRole(cascade.fresh_name(n), (seq,), DType.I32) for n in ("CQ", "CK")]
+    packed = replace(body, q=pack(body.q, body.query), k=pack(body.k, body.key), v=pack(body.v, body.key),
+                     out=pack(body.out, body.query), packed=PackedSequences(seq, *starts))
+    kernel = replace(kernel, name="attn_fwd_varlen", family="attention_prefill_varlen", body=packed)
+    return replace(base, kernels=(kernel,))
+
+
 def default_config(schedule: Schedule, shapes: Mapping[str, int]) -> Config:
     """A sensible config until the cost model exists (see :func:`choose_config`)."""
     return choose_config(schedule, shapes)[0]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (fp32, varlen) and padded head dim (64 stands for <= 64)
+DEFAULT_TILES = {
+    (False, False): {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    (False, True): {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (32, 64, 8, 2)},
+    (True, False): {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (32, 16, 8, 2)},
+    (True, True): {64: (64, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 16, 4, 2)},
+}
 
 
 def choose_config(schedule: Schedule, shapes: Mapping[str, int]) -> tuple[Config, str]:
@@ -257,9 +315,11 @@ def choose_config(schedule: Schedule, shapes: Mapping[str, int]) -> tuple[Config
 
     ``shapes`` binds the extents of the query, key and head ranks (``P``, ``M``, ``E``,
     ``F``) and optionally ``itemsize`` (default 2). For 16-bit inputs FlashAttention-2's 128 x 64
-    tiles with 8 warps up to head dim 128, 64 x 64 above; fp32 gets small tiles (its exact
-    ``tl.dot`` has no tensor cores). These are the largest tiles that compile without spills
-    for sm_80 and sm_90a (measured with ``backends/aot.py``). Tiles shrink to short
+    tiles with 8 warps up to head dim 128, 64 x 64 above; fp32 gets small tiles with 8 warps (its
+    exact ``tl.dot`` has no tensor cores); the varlen kernel (whose per-sequence offsets and lengths
+    take registers the dense kernel's arguments do not) narrower key tiles from head dim 128 on.
+    These are the largest tiles that compile without spills for sm_80 and sm_90a under triton 3.6
+    and 3.9 (measured with ``backends/aot.py``; :data:`DEFAULT_TILES`). Tiles shrink to short
     sequences; a rejected config is shrunk (stages, then tiles) until the constraints accept it.
     """
     body = schedule.kernels[0].body
@@ -267,14 +327,11 @@ def choose_config(schedule: Schedule, shapes: Mapping[str, int]) -> tuple[Config
     ext = {role: shapes[c.rank_extent(r)] for role, r in
            (("P", body.query), ("M", body.key), ("E", body.head), ("F", body.vhead)) if c.rank_extent(r) in shapes}
     sizes = {"E": ext.get("E", 128), "F": ext.get("F", 128), "itemsize": shapes.get("itemsize", 2)}
-    d = max(padded_head_dim(sizes["E"]), padded_head_dim(sizes["F"]))
-    if sizes["itemsize"] >= 4:   # fp32's exact tl.dot runs on FMA units: small tiles keep it in registers
-        bm, bn, warps, stages = (64, 32, 4, 2) if d <= 64 else (64, 32, 8, 2) if d <= 128 else (32, 32, 8, 2)
-    elif d <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
-    else:
-        bm, bn, warps, stages = 64, 64, 8, 2
-    why = f"{'fp32' if sizes['itemsize'] >= 4 else '16-bit'} inputs, head dim {d}: {bm}x{bn} tiles, {warps} warps"
+    d = max(64, padded_head_dim(sizes["E"]), padded_head_dim(sizes["F"]))
+    varlen = body.packed is not None
+    bm, bn, warps, stages = DEFAULT_TILES[sizes["itemsize"] >= 4, varlen][d]
+    why = (f"{'fp32' if sizes['itemsize'] >= 4 else '16-bit'} inputs, head dim {d}{', varlen' if varlen else ''}: "
+           f"{bm}x{bn} tiles, {warps} warps")
     fit = lambda n, block: max(16, min(block, padded_head_dim(max(1, n))))  # noqa: E731
     if "P" in ext and fit(ext["P"], bm) < bm:
         bm, why = fit(ext["P"], bm), why + f"; BLOCK_M={fit(ext['P'], bm)} for {ext['P']} queries"

@@ -63,8 +63,9 @@ def split_rank(c: Cascade, rank: str, outer: str | None = None, inner: str | Non
         fixed, fixed_value, derived = inner_x, tile, ExtentDecl(outer_x, E.cdiv(full, E.extent(inner_x)))
     else:  # the number of parts is given (or free); the part size follows
         fixed, fixed_value, derived = outer_x, count, ExtentDecl(inner_x, E.cdiv(full, E.extent(outer_x)))
-    new_decls = [ExtentDecl(fixed, _extent_value(fixed_value)), derived]
-    if isinstance(fixed_value, str) and c.extent_decl(fixed_value) is None:
+    own_name = fixed_value == fixed   # count='C' for the outer extent C: simply a free symbol
+    new_decls = [ExtentDecl(fixed, None if own_name else _extent_value(fixed_value)), derived]
+    if isinstance(fixed_value, str) and fixed_value != fixed and c.extent_decl(fixed_value) is None:
         new_decls.insert(0, ExtentDecl(fixed_value))  # a named free symbol, e.g. BLOCK_M
     for d in new_decls:
         if c.extent_decl(d.name) is not None:

@@ -184,7 +184,8 @@ def test_debug_says_which_config_ran(gen, monkeypatch, capsys):
     q = torch.randn(1, 2, 17, 40, generator=gen)
     attention(q, q, q, causal=True, backend="interpret")
     err = capsys.readouterr().err
-    assert "backend=interpret kernel=attn_fwd_causal_d64" in err and "BLOCK_M=32" in err and "head dim 64" in err
+    assert "backend=interpret kernel=attn_fwd_causal_d64" in err and "BLOCK_M=" in err
+    assert "cost model's #1" in err and "-bound" in err  # no tuned record here: the model decided, and says so
 
 
 CUSTOM = """

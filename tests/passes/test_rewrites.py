@@ -95,6 +95,13 @@ def test_split_rank_tail_masks_are_needed(gen):
     assert torch.isnan(out["C"]).all()
 
 
+def test_split_rank_named_after_its_own_extent_is_a_free_symbol(gen):
+    """count="K1" names the outer extent itself: declared once, free, bound at evaluation."""
+    s = split_rank(gemm(), "k", count="K1")
+    assert [str(x.name) for x in s.extents] == ["K1", "K0"] and s.extent_decl("K1").value is None
+    same_function(gemm(), s, dict(M=3, N=4, K=11), gen, after_extents={"K1": 3})
+
+
 def test_split_rank_errors():
     c = gemm()
     with pytest.raises(RewriteError, match="no rank 'z'"):
