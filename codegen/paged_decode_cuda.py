@@ -154,18 +154,6 @@ class PagedDecodeSource:
     code: str
 
     @property
-    def q_packed(self) -> bool:
-        """Keep the queries in registers as loaded (16-bit) rather than widened to fp32: chosen
-        when R widened queries and R accumulators would crowd the register file."""
-        return self.dtype.itemsize == 2 and self.group_size * self.vec * self.k_chunks > 32
-
-    @property
-    def state_registers(self) -> int:
-        """32-bit registers per lane for the queries and the fp32 numerator accumulators."""
-        q = self.group_size * self.k_chunks * (4 if self.q_packed else self.vec)
-        return q + self.group_size * self.v_chunks * self.vec
-
-    @property
     def name(self) -> str:
         return self.params.name
 
