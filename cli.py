@@ -242,6 +242,363 @@ def analyze_cmd(
     out.print(table)
 
 
+
+# ---- autotuning ------------------------------------------------------------------------------
+_DTYPE_NAMES = {"bf16": "bf16", "f16": "f16", "fp16": "f16", "f32": "f32", "fp32": "f32"}
+
+
+def _tune_schedule(what: str, dtype: str | None, causal: bool, window: str | None, softcap: bool):
+    """The schedule to tune, and whether its extents follow the library's attention ranks (b, g, r)."""
+    import importlib.util
+
+    from kascade.ir.dtypes import DType
+    from kascade.ir.library import LIBRARY
+    from kascade.ir.library import attention as attention_cascade
+    from kascade.passes.schedule import attention_prefill_schedule
+    if dtype is not None and dtype not in _DTYPE_NAMES:
+        raise KascadeError(f"unknown --dtype {dtype!r}; accepted: bf16, f16, f32")
+    dt = DType(_DTYPE_NAMES.get(dtype or "bf16"))
+    if what == "decode" or what.startswith("paged_decode"):
+        have = importlib.util.find_spec("kascade.passes.schedule_decode") is not None
+        raise KascadeError("decode is not tunable yet: " + (
+            "passes/schedule_decode.py schedules paged decode, but the cost model (backends/model.py) and the GPU "
+            "measurement (autotune/measure.py) cover attention prefill only" if have else
+            "there is no decode schedule in passes/ yet") + "; tune 'attention' meanwhile")
+    if what == "moe" or what.startswith("moe"):
+        raise KascadeError("moe is not tunable yet: there is no MoE (grouped GEMM) schedule in passes/; "
+                           "tune 'attention' meanwhile")
+    sides = None
+    if window is not None:
+        try:
+            left, right = (int(x) for x in window.split(","))
+        except ValueError:
+            raise KascadeError(f"--window takes LEFT,RIGHT (keys before and after the diagonal, -1: unbounded), "
+                               f"got {window!r}") from None
+        sides = None if (left, right) == (-1, -1) else (left, right)
+    if what == "attention":
+        c = attention_cascade("2pass", causal=causal, window=sides, softcap=softcap, dtype=dt)   # as kascade.attention
+        return attention_prefill_schedule(c), True, sides
+    if causal or window is not None or softcap:
+        raise KascadeError("--causal, --window and --softcap choose the variant of 'attention'; a library cascade "
+                           "or file states its own mask")
+    if what in LIBRARY:
+        try:
+            c = LIBRARY[what](dtype=dt)
+        except TypeError:
+            raise KascadeError(f"library cascade {what!r} takes no dtype; tune 'attention' or a file") from None
+        return attention_prefill_schedule(c), what.startswith("attention"), None
+    c = load(what)
+    sched = attention_prefill_schedule(c)
+    have = sched.kernels[0].body.q.dtype
+    if dtype is not None and have != dt:
+        raise KascadeError(f"{what} declares its inputs {have}; --dtype {dtype} does not change a file (edit it)")
+    return sched, False, None
+
+
+def _tune_shapes(schedule, library_ranks: bool, batch: int, heads: int, kv_heads: int | None, seq: list[int],
+                 seq_k: int | None, head_dim: int, given: dict[str, int]) -> list[dict[str, int]]:
+    c, body = schedule.cascade, schedule.kernels[0].body
+    kv = kv_heads or heads
+    if heads < 1 or kv < 1 or heads % kv:
+        raise KascadeError(f"--heads {heads} must be a positive multiple of --kv-heads {kv} (GQA)")
+    checks = [("--batch", batch), ("--head-dim", head_dim), ("--seq-k", seq_k or 1), *(("--seq", s) for s in seq)]
+    for name, v in checks:
+        if v < 1:
+            raise KascadeError(f"{name} must be at least 1, got {v}")
+    shapes = []
+    for p in seq or [4096]:
+        ext = {c.rank_extent(body.query): p, c.rank_extent(body.key): seq_k or p,
+               c.rank_extent(body.head): head_dim, c.rank_extent(body.vhead): head_dim}
+        if library_ranks:
+            ext.update(B=batch, G=kv, R=heads // kv)
+        ext.update(given)
+        needed = {c.rank_extent(r) for t in c.inputs for r in t.ranks}
+        missing = sorted(needed - set(ext))
+        if missing:
+            raise KascadeError(f"the shape needs extents {', '.join(missing)}: pass them as -x NAME=INT "
+                               f"(e.g. {' '.join(f'-x {m}=8' for m in missing)})")
+        shapes.append(ext)
+    return shapes
+
+
+def _parse_params(items: list[str], sides) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    if sides is not None:
+        out.update(wl=max(sides[0], 0), wr=max(sides[1], 0))
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise KascadeError(f"--param takes NAME=NUMBER (e.g. -p wl=128), got {item!r}")
+    return out
+
+
+def _backend_for(backend: str, target) -> tuple[str, str | None]:
+    """(backend, the one line to say when there is no GPU to time on)."""
+    import torch
+
+    from kascade.backends.targets import UnknownTargetError, target_for_device
+    if backend not in ("auto", "gpu", "model"):
+        raise KascadeError(f"unknown --backend {backend!r}; accepted: auto, gpu, model")
+    if backend == "model":
+        return "model", None
+    if not torch.cuda.is_available():
+        if backend == "gpu":
+            raise KascadeError("--backend gpu needs a CUDA GPU and none is present (--backend model is the dry run)")
+        return "model", (f"no GPU here: dry run against the {target.name} roofline model "
+                         "(records stored as predicted, measured=False)")
+    p = torch.cuda.get_device_properties(0)
+    try:
+        here = target_for_device(p.major, p.minor, p.multi_processor_count, p.total_memory).name
+    except UnknownTargetError:
+        here = p.name
+    if here != target.name:
+        if backend == "gpu":
+            raise KascadeError(f"--target {target.name} but the GPU here is {here}; time on a {target.name} or "
+                               "use --backend model")
+        return "model", f"the GPU here is {here}, not {target.name}: dry run against the {target.name} roofline model"
+    return "gpu", None
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None or seconds != seconds or seconds == float("inf") else f"{seconds * 1e6:,.1f} us"
+
+
+@app.command("tune")
+def tune_cmd(
+    what: str = typer.Argument(..., help="attention | decode | moe | a library cascade | a file of cascade text"),
+    gpu: str = typer.Option("h200", "--target", help="GPU target (kascade targets)"),
+    batch: int = typer.Option(4, "--batch", help="sequences (library attention)"),
+    heads: int = typer.Option(32, "--heads", help="query heads (library attention)"),
+    kv_heads: int = typer.Option(None, "--kv-heads", help="KV heads (default: --heads)"),
+    seq: list[int] = typer.Option([], "--seq", help="query length; repeat for several shapes (default 4096)"),
+    seq_k: int = typer.Option(None, "--seq-k", help="key length (default: the query length)"),
+    head_dim: int = typer.Option(128, "--head-dim", help="head dim of Q/K and of V"),
+    causal: bool = typer.Option(False, "--causal", help="causal mask (attention)"),
+    window: str = typer.Option(None, "--window", help="LEFT,RIGHT sliding window (attention; -1: unbounded)"),
+    softcap: bool = typer.Option(False, "--softcap", help="soft-capped scores (attention)"),
+    extent: list[str] = typer.Option([], "--extent", "-x", help="NAME=INT, any extent (overrides the options)"),
+    param: list[str] = typer.Option([], "--param", "-p", help="NAME=NUMBER, int params such as window widths"),
+    dtype: str = typer.Option(None, "--dtype", help="bf16 | f16 | f32 (default bf16)"),
+    trials: int = typer.Option(100, "--trials", help="configs to measure per shape in this run"),
+    timeout: float = typer.Option(None, "--timeout", help="seconds for the whole run"),
+    storage: str = typer.Option(None, "--storage", help="sqlite:///file.db (default: the cache dir), "
+                                "postgresql+psycopg://user:pass@host/db, journal:///file.log"),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | grid | cmaes | gp | nsga2"),
+    study: str = typer.Option(None, "--study", help="study name (default: derived from the tuning key)"),
+    workers: int = typer.Option(1, "--workers", help="parallel measuring workers in this process"),
+    seed: int = typer.Option(0, "--seed", help="sampler seed"),
+    backend: str = typer.Option("auto", "--backend", help="auto (the GPU when it is the target) | gpu | model"),
+) -> None:
+    """Autotune a kernel for a GPU target; records go to the tuning database (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kascade.autotune.search import tune
+    from kascade.backends.targets import get_target
+    try:
+        target = get_target(gpu)
+        schedule, library_ranks, sides = _tune_schedule(what, dtype, causal, window, softcap)
+        shapes = _tune_shapes(schedule, library_ranks, batch, heads, kv_heads, seq, seq_k, head_dim,
+                              parse_extents(extent))
+        params = _parse_params(param, sides)
+        be, note = _backend_for(backend, target)
+        if note:
+            err.print(note, soft_wrap=True, markup=False)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=out,
+                       disable=not out.is_terminal)
+        tasks: dict[int, int] = {}
+
+        def progress(ev) -> None:
+            if ev.shape not in tasks:
+                tasks[ev.shape] = bar.add_task(ev.bucket, total=ev.budget, best="")
+            best = "" if ev.best_seconds == float("inf") else f"best {_us(ev.best_seconds)}" + (
+                f" ({ev.best_seconds / ev.roofline_seconds:.2f}x roofline)" if ev.roofline_seconds else "")
+            bar.update(tasks[ev.shape], completed=ev.trials, best=best)
+
+        with bar:
+            result = tune(schedule, shapes, target, backend=be, trials=trials, timeout=timeout, storage_url=storage,
+                          sampler=sampler, study_name=study, seed=seed, workers=workers, params=params,
+                          progress=progress)
+    except KascadeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished records are stored; rerun the same command to resume the study")
+        raise typer.Exit(130) from None
+    kind = "measured" if be == "gpu" else "predicted (model)"
+    if not out.is_terminal:   # logs and pipes: one line per shape, nothing cut
+        for r in result.shapes:
+            ratio = r.roofline_ratio
+            out.print(f"{r.bucket}: {r.config.key() if r.config else 'no config completed'} {_us(r.seconds)}"
+                      f"{'' if ratio is None else f' ({ratio:.2f}x roofline)'}; {kind}; trials {r.trials} this run, "
+                      f"{r.study_trials} in the study; {r.failures} failed, {r.pruned} pruned; "
+                      f"{'stored' if r.stored else 'not stored (a faster record is kept)'}", markup=False)
+        out.print(f"records: {result.storage}; study: {', '.join(r.study for r in result.shapes)}", markup=False)
+        for ext in result.skipped:
+            err.print(f"not started (timeout): {ext}", soft_wrap=True, markup=False)
+        return
+    table = Table("shape", "best config", "time", "vs roofline", "trials (run / study)", "failed", "pruned",
+                  "stored", title=f"kascade tune {what} on {target.name}: {kind}, {result.elapsed:.1f} s")
+    for col in table.columns[:2]:
+        col.overflow = "fold"   # keys are the point: never cut them
+    for r in result.shapes:
+        ratio = r.roofline_ratio
+        table.add_row(r.bucket, r.config.key() if r.config else "none", _us(r.seconds),
+                      "-" if ratio is None else f"{ratio:.2f}x", f"{r.trials} / {r.study_trials}", str(r.failures),
+                      str(r.pruned), "yes" if r.stored else "no (a faster record is kept)")
+    out.print(table)
+    for ext in result.skipped:
+        err.print(f"not started (timeout): {ext}")
+    out.print(f"records: {result.storage}; study: {', '.join(r.study for r in result.shapes)}", markup=False)
+
+
+@app.command("targets")
+def targets_cmd() -> None:
+    """The GPU targets the cost model and the tuner know, with measured ceilings where recorded."""
+    from kascade.backends.targets import ALIASES, TARGETS
+    table = Table("target", "arch", "SMs", "bf16 TFLOP/s", "measured", "HBM TB/s", "measured", "L2 MiB",
+                  "smem/block KiB", "HBM GB")
+    for t in TARGETS.values():
+        m = t.measured
+        table.add_row(t.name, t.arch, str(t.sm_count), f"{t.tensor_tflops.get('bf16', 0):.0f}",
+                      f"{m.tensor_tflops_bf16:.0f}" if m.tensor_tflops_bf16 else "-",
+                      f"{t.hbm_bandwidth_peak / 1e12:.2f}",
+                      f"{m.copy_bandwidth / 1e12:.2f}" if m.copy_bandwidth else "-", f"{t.l2_bytes / 2**20:.0f}",
+                      f"{t.smem_per_block // 1024}", f"{t.hbm_bytes / 1e9:.0f}")
+    out.print(table)
+    out.print(f"aliases: {', '.join(f'{a} = {n}' for a, n in ALIASES.items())}", markup=False)
+    for t in TARGETS.values():
+        if t.measured.source:
+            out.print(f"{t.name} measured: {t.measured.source}", markup=False)
+
+
+@app.command("show")
+def show_cmd(
+    storage: str = typer.Option(None, "--storage", help="database URL (default: the cache dir's SQLite file)"),
+) -> None:
+    """What the tuning database holds: records, and the studies stored beside them."""
+    from kascade.autotune.db import TuningDatabase, default_url
+    from kascade.autotune.study import masked, records_url
+    try:
+        url = storage or default_url()
+        db = TuningDatabase(records_url(url))
+        records = list(db.records())
+    except KascadeError as e:
+        _fail(e)
+    studies = _studies(url)
+    rows = []
+    for r in records:
+        family, _, digest = r.key.schedule.partition(":")
+        rows.append((f"{family}:{digest[:8]}", r.key.bucket, r.key.dtype, r.key.target,
+                     "measured" if r.key.measured else "predicted", r.config, _us(r.seconds), r.source,
+                     r.key.versions))
+    if not out.is_terminal:   # logs and pipes: nothing cut
+        out.print(f"{len(records)} tuning records in {masked(url)}", markup=False)
+        for row in rows:
+            out.print("  " + " | ".join(row), markup=False)
+        for name, counts, best in studies:
+            out.print(f"study {name}: {counts.get('measured', 0)} configs measured, {counts.get('FAIL', 0)} failed, "
+                      f"{counts.get('PRUNED', 0)} pruned, best {_us(best)}", markup=False)
+        return
+    table = Table("kernel", "bucket", "dtype", "target", "kind", "config", "time", "source", "versions",
+                  title=f"{len(records)} tuning records in {masked(url)}")
+    for row in rows:
+        table.add_row(*row[:7], row[7][:40], row[8])
+    out.print(table)
+    if studies:
+        st = Table("study", "configs measured", "failed", "pruned", "running", "best", title="Optuna studies")
+        for name, counts, best in studies:
+            st.add_row(name, *(str(counts.get(s, 0)) for s in ("measured", "FAIL", "PRUNED", "RUNNING")), _us(best))
+        out.print(st)
+
+
+def _studies(url: str) -> list[tuple[str, dict, float | None]]:
+    """(name, trials by state, best value) of each Optuna study in ``url``; none when it has no study tables."""
+    if not url.startswith(("sqlite", "postgresql")):
+        return []
+    import warnings
+
+    import optuna
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+            found = []
+            for s in storage.get_all_studies():
+                trials = storage.get_all_trials(s._study_id, deepcopy=False)
+                counts: dict[str, int] = {}
+                values = []
+                for t in trials:
+                    if "infeasible" in t.user_attrs or t.user_attrs.get("duplicate"):
+                        continue
+                    counts[t.state.name] = counts.get(t.state.name, 0) + 1
+                    if t.state.name == "COMPLETE" and t.value is not None:
+                        values.append(t.value)
+                counts["measured"] = len(values)
+                found.append((s.study_name, counts, min(values) if values else None))
+            return found
+    except Exception:  # noqa: BLE001 - no study tables, another schema, an unreadable file: nothing to show
+        return []
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+@app.command("export")
+def export_cmd(
+    file: Path = typer.Argument(..., help="JSON file to write"),
+    gpu: str = typer.Option(None, "--target", help="only records for this target"),
+    storage: str = typer.Option(None, "--storage", help="database URL (default: the cache dir's SQLite file)"),
+    measured_only: bool = typer.Option(False, "--measured-only", help="leave out predicted (dry-run) records"),
+) -> None:
+    """Write tuning records as versioned JSON (ship it under autotune/configs/ or import it elsewhere)."""
+    from kascade.autotune.db import TuningDatabase
+    from kascade.autotune.lookup import target_key
+    from kascade.autotune.study import records_url
+    from kascade.backends.targets import get_target
+    try:
+        where: dict[str, str | bool] = {}
+        if gpu:
+            where["target"] = target_key(get_target(gpu))
+        if measured_only:
+            where["measured"] = True
+        db = TuningDatabase(records_url(storage) if storage else None)
+        try:
+            n = db.export_json(file, **where)
+        except OSError as e:
+            raise KascadeError(f"cannot write {file}: {e}") from None
+    except KascadeError as e:
+        _fail(e)
+    out.print(f"exported {n} records to {file}", markup=False)
+
+
+@app.command("import")
+def import_cmd(
+    file: Path = typer.Argument(..., help="JSON file written by kascade export"),
+    storage: str = typer.Option(None, "--storage", help="database URL (default: the cache dir's SQLite file)"),
+) -> None:
+    """Read tuning records from JSON; a record replaces one of the same key only when it is faster."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kascade.autotune.db import TuningDatabase, read_json
+    from kascade.autotune.study import records_url
+    try:
+        total = len(read_json(file))
+        db = TuningDatabase(records_url(storage) if storage else None)
+        try:
+            n = db.import_json(file)
+        except SQLAlchemyError as e:
+            raise KascadeError(f"cannot write to {db.url}: {(str(e).splitlines() or [''])[0]}") from None
+    except KascadeError as e:
+        _fail(e)
+    out.print(f"imported {n} of {total} records from {file} (the others were no faster than what is stored)",
+              markup=False)
+
+
 def main() -> None:
     try:
         app()

@@ -49,6 +49,19 @@ records_table = sa.Table(
 )
 
 
+def retry_table_race(fn, attempts: int = 6):
+    """``fn()``, retried when it lost a race with another process creating the same tables:
+    PostgreSQL checks for a table and creates it in two steps, so two workers starting
+    together can both decide to create it."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (sa.exc.ProgrammingError, sa.exc.IntegrityError) as e:
+            if i == attempts - 1 or not any(w in str(e) for w in ("already exists", "duplicate key")):
+                raise
+            time.sleep(0.2 * (i + 1))
+
+
 class TuningDatabaseError(KascadeError):
     """A storage URL or file that kascade cannot use, with what is accepted."""
 
@@ -119,7 +132,7 @@ class TuningDatabase:
 
     def _init(self) -> None:
         if not self._ready:
-            _metadata.create_all(self.engine)   # idempotent; safe when several workers race on it
+            retry_table_race(lambda: _metadata.create_all(self.engine))
             self._ready = True
 
     def _report(self, e: Exception) -> None:

@@ -306,7 +306,8 @@ def study_histories(url: str, tables: set[str], target: Target | None, warnings:
         history, best, best_params = [], None, {}
         for tr in trials:
             v = tr.value if tr.state == optuna.trial.TrialState.COMPLETE else None
-            if v is None or not math.isfinite(v):
+            # a rejected config scores a penalty and a repeated one replays a value: neither is a measurement
+            if v is None or not math.isfinite(v) or "infeasible" in tr.user_attrs or tr.user_attrs.get("duplicate"):
                 continue
             if best is None or (v > best if maximize else v < best):
                 best, best_params = v, dict(tr.params)

@@ -23,3 +23,4 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version
 PY
 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 5
 python3 bench/attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -n 12
+python3 bench/tuner.py --sweep "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -n 8
