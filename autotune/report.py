@@ -62,8 +62,21 @@ def library_schedules() -> dict[str, tuple[str, str]]:
         from kascade.passes.schedule import attention_prefill_schedule
     except Exception:   # a library in flux leaves every schedule unknown; the report still runs
         return {}
+    from itertools import product
+
+    from kascade.ir.dtypes import bf16, f16, f32
+    from kascade.ir.library import attention
+    builds = list(LIBRARY.items())
+    # the variants kascade.attention and `kascade tune attention` compile (2-pass form, every dtype and mask)
+    for form, causal, window, softcap, dtype in product(("2pass", "3pass"), (False, True),
+                                                        (None, (1, 1), (1, -1), (-1, 1)), (False, True),
+                                                        (bf16, f16, f32)):
+        flags = "_".join(n for n, on in (("causal", causal), ("window", window), ("softcap", softcap)) if on)
+        builds.append((f"attention_{form}{'_' + flags if flags else ''}",
+                       lambda f=form, c=causal, w=window, s=softcap, d=dtype: attention(f, causal=c, window=w,
+                                                                                        softcap=s, dtype=d)))
     known: dict[str, tuple[str, str]] = {}
-    for name, build in LIBRARY.items():
+    for name, build in builds:
         try:
             schedule = attention_prefill_schedule(build())
         except Exception:   # not a prefill cascade (or one in flux): simply unknown
