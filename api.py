@@ -39,7 +39,6 @@ from kascade.passes.schedule import (
     Schedule,
     attention_prefill_schedule,
     attention_varlen_schedule,
-    choose_config,
     padded_head_dim,
 )
 from kascade.passes.schedule_decode import MAX_GROUP, MAX_SPLITS, choose_decode_config, paged_decode_schedule
@@ -168,7 +167,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          "(sequences x heads); split the call into smaller batches")
     schedule = _varlen_schedule(cascade)
     extents = {"B": batch, "G": G, "R": R, "P": max_seqlen_q, "M": max_seqlen_k, "E": D, "F": Dv}
-    config, why = choose_config(schedule, {**extents, "itemsize": q.element_size()})
+    # the dense traffic model at the longest sequences: an upper estimate for packed ones
+    config, why = _prefill_config(schedule, tuple(sorted(extents.items())), q.dtype, q.device, backend,
+                                  tuple(sorted((k, v) for k, v in params.items() if isinstance(v, int))))
     src = _source(schedule, config, padded_head_dim(D), padded_head_dim(Dv))
     _debug(f"kascade.attention_varlen: backend={backend} kernel={src.name} config={config.key()} ({why}; "
            f"max_seqlen_q={max_seqlen_q}, max_seqlen_k={max_seqlen_k}, {batch} sequences)")
