@@ -91,7 +91,8 @@ class Measurer:
         return self.measure(config).median
 
     def measure(self, config: Config) -> Timing:
-        raise NotImplementedError
+        """Time one config; subclasses (the model's dry run, the GPU worker) say how."""
+        raise TypeError(f"{type(self).__name__} must implement measure()")
 
     def retime(self, configs: Sequence[Config]) -> dict[str, Timing]:
         return {c.key(): self.measure(c) for c in configs}
