@@ -352,7 +352,7 @@ def choose_config(schedule: Schedule, shapes: Mapping[str, int]) -> tuple[Config
 
 
 # ---- matching -------------------------------------------------------------------------
-def _plain(access: Expr) -> tuple[str, ...] | None:
+def plain_ranks(access: Expr) -> tuple[str, ...] | None:
     """The rank names of an access indexed by distinct plain ranks, else None."""
     names = tuple(i.arg for i in access.args if i.op is Op.RANK)
     return names if len(names) == len(access.args) == len(set(names)) else None
@@ -384,12 +384,12 @@ class _Matcher:
                             f"found {contraction}")
         e = e[0]
         a, b = contraction.args[0].args
-        if not all(x.op is Op.ACCESS and c.input(x.arg) is not None and _plain(x) for x in (a, b)):
+        if not all(x.op is Op.ACCESS and c.input(x.arg) is not None and plain_ranks(x) for x in (a, b)):
             raise self.fail(f"the contraction {contraction} must multiply two inputs indexed by plain ranks")
-        if (m in _plain(a)) == (m in _plain(b)):
+        if (m in plain_ranks(a)) == (m in plain_ranks(b)):
             raise self.fail(f"exactly one factor of {contraction} must be indexed by the key rank {m!r} (K)")
-        qa, ka = (b, a) if m in _plain(a) else (a, b)
-        q_only = [r for r in _plain(qa) if r not in _plain(ka) and r != e]
+        qa, ka = (b, a) if m in plain_ranks(a) else (a, b)
+        q_only = [r for r in plain_ranks(qa) if r not in plain_ranks(ka) and r != e]
         if self.query is not None and self.query not in q_only:
             raise self.fail(f"query rank {self.query!r} is not a rank of {qa.arg} that {ka.arg} lacks: {q_only}")
         if not q_only:
@@ -400,7 +400,7 @@ class _Matcher:
             raise self.fail(f"the score {s.name}{list(s.ranks)} and its max {gm.name}{list(gm.ranks)} must "
                             f"share the batch-like ranks {list(grid)}")
         for x, allowed in ((qa, {*grid, p, e}), (ka, {*grid, m, e})):
-            if not set(_plain(x)) <= allowed or e not in _plain(x):
+            if not set(plain_ranks(x)) <= allowed or e not in plain_ranks(x):
                 raise self.fail(f"{x} may only use the ranks {sorted(allowed)} and must use {e!r}")
         sn = self.einsum_reading(gm.name, lambda t: self.is_exp_diff(t, s, gm), f"exp({s.name} - {gm.name})")
         if {u.name for u in c.users(s.name)} != {gm.name, sn.name} or [u.name for u in c.users(gm.name)] != [sn.name]:
@@ -410,7 +410,7 @@ class _Matcher:
         if len(c.users(sn.name)) != 2:
             raise self.fail(f"{sn.name} may only be read by {sd.name} and {av.name}")
         va = next(x for x in av.expr.args[0].args if x.arg != sn.name)
-        f = [r for r in _plain(va) if r not in (*grid, m)]
+        f = [r for r in plain_ranks(va) if r not in (*grid, m)]
         if len(f) != 1 or set(av.ranks) != {*grid, p, f[0]} or set(sd.ranks) != {*grid, p}:
             raise self.fail(f"the value sum {av.name}{list(av.ranks)} must reduce {va} over {m!r} keeping one "
                             f"value head rank besides {sorted({*grid, p})}")
@@ -420,7 +420,7 @@ class _Matcher:
         extra_stmts = [t.label for t in c.stmts if not set(t.outputs) <= stmts]
         if extra_stmts:
             raise self.fail(f"{', '.join(extra_stmts)} are not part of the prefill attention pattern")
-        role = lambda x: TensorRole(x.arg, _plain(x), c.input(x.arg).dtype)  # noqa: E731
+        role = lambda x: TensorRole(x.arg, plain_ranks(x), c.input(x.arg).dtype)  # noqa: E731
         used = {qa.arg, ka.arg, va.arg}
         extra = []
         for expr, allowed in ((s.expr, {*grid, p, m}), (out.expr, {*grid, p, f})):
@@ -447,7 +447,7 @@ class _Matcher:
             seen.append(gm.name)
             body = x.args[0]
             s = self.c.producer(body.arg) if body.op is Op.ACCESS else None
-            if len(x.reduce_ranks) == 1 and isinstance(s, Einsum) and _plain(body) == s.ranks and s.step is None \
+            if len(x.reduce_ranks) == 1 and isinstance(s, Einsum) and plain_ranks(body) == s.ranks and s.step is None \
                     and sum(n.op is Op.REDUCE for n in s.expr.walk()) == 1:
                 found.append((gm, s))
         if len(found) != 1:
@@ -462,19 +462,19 @@ class _Matcher:
         if not (x.op is Op.FUNC and x.arg == "exp" and x.args[0].op is Op.SUB):
             return False
         a, b = x.args[0].args
-        return (a.op is Op.ACCESS and a.arg == s.name and _plain(a) == s.ranks and set(t.ranks) == set(s.ranks)
-                and b.op is Op.ACCESS and b.arg == gm.name and _plain(b) == gm.ranks)
+        return (a.op is Op.ACCESS and a.arg == s.name and plain_ranks(a) == s.ranks and set(t.ranks) == set(s.ranks)
+                and b.op is Op.ACCESS and b.arg == gm.name and plain_ranks(b) == gm.ranks)
 
     def sums(self, t: Einsum, sn: Einsum, m: str, with_input: str | None) -> bool:
         x = t.expr
         if x.op is not Op.REDUCE or x.reduce_kind != "sum" or x.reduce_ranks != (m,) or t.output or t.step:
             return False
         body = x.args[0]
-        is_sn = lambda y: y.op is Op.ACCESS and y.arg == sn.name and _plain(y) == sn.ranks  # noqa: E731
+        is_sn = lambda y: y.op is Op.ACCESS and y.arg == sn.name and plain_ranks(y) == sn.ranks  # noqa: E731
         if with_input is None:
             return is_sn(body)
         return body.op is Op.MUL and sum(map(is_sn, body.args)) == 1 and all(
-            is_sn(y) or (y.op is Op.ACCESS and self.c.input(y.arg) is not None and _plain(y)) for y in body.args)
+            is_sn(y) or (y.op is Op.ACCESS and self.c.input(y.arg) is not None and plain_ranks(y)) for y in body.args)
 
     def output(self, sd: Einsum, av: Einsum) -> Einsum:
         outs = [t for t in self.c.einsums if t.output]
@@ -485,7 +485,7 @@ class _Matcher:
         if set(out.ranks) != set(av.ranks) or out.step is not None:
             raise self.fail(f"the output {out.name}{list(out.ranks)} must have the ranks of {av.name}")
         for n in out.expr.walk():
-            if n.op is Op.ACCESS and n.arg in (sd.name, av.name) and _plain(n) != self.c.ranks_of(n.arg):
+            if n.op is Op.ACCESS and n.arg in (sd.name, av.name) and plain_ranks(n) != self.c.ranks_of(n.arg):
                 raise self.fail(f"the output reads {n}; it must read {n.arg} at its own ranks")
             if n.op is Op.REDUCE:
                 raise self.fail(f"the output expression may not reduce: {n}")

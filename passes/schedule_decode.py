@@ -42,6 +42,7 @@ from kascade.passes.schedule import (
     TensorRole,
     mask_conjuncts,
     padded_head_dim,
+    plain_ranks,
 )
 from kascade.passes.softmax import split_reduction
 
@@ -221,11 +222,6 @@ def choose_decode_config(schedule: Schedule, shapes: Mapping[str, int]) -> tuple
 
 
 # ---- matching -------------------------------------------------------------------------
-def _plain(access: Expr) -> tuple[str, ...] | None:
-    names = tuple(i.arg for i in access.args if i.op is Op.RANK)
-    return names if len(names) == len(access.args) == len(set(names)) else None
-
-
 def _fresh_rank(c: Cascade, preferred: str) -> str:
     used = {r for t in c.inputs for r in t.ranks} | {r for s in c.stmts for r in s.ranks}
     used |= {r for s in c.stmts for n in s.expr.walk() if n.op is Op.REDUCE for r in n.reduce_ranks}
@@ -262,8 +258,8 @@ class _Matcher:
             raise self.fail(f"the cache read {ka} must be indexed by the block, the slot {slot!r}, one KV head "
                             f"rank and the head rank {e!r}")
         kv = kv[0]
-        group = [x for x in _plain(qa) if x not in (batch, kv, e)]
-        if len(group) != 1 or set(_plain(qa)) != {batch, kv, e, group[0]}:
+        group = [x for x in plain_ranks(qa) if x not in (batch, kv, e)]
+        if len(group) != 1 or set(plain_ranks(qa)) != {batch, kv, e, group[0]}:
             raise self.fail(f"the query {qa} must be indexed by {batch!r}, {kv!r}, one rank of query heads per KV "
                             f"head and {e!r}")
         group = group[0]
@@ -300,7 +296,7 @@ class _Matcher:
             if x.op is Op.REDUCE and x.reduce_kind == "max" and len(x.reduce_ranks) == 2 \
                     and x.args[0].op is Op.ACCESS:
                 s = self.c.producer(x.args[0].arg)
-                if isinstance(s, Einsum) and _plain(x.args[0]) == s.ranks and s.step is None \
+                if isinstance(s, Einsum) and plain_ranks(x.args[0]) == s.ranks and s.step is None \
                         and sum(n.op is Op.REDUCE for n in s.expr.walk()) == 1:
                     found.append((gm, s))
         if len(found) != 1:
@@ -314,7 +310,7 @@ class _Matcher:
         indirect = lambda x: sum(i.op is Op.ACCESS for i in x.args) == 1  # noqa: E731
         for qa, ka in ((a, b), (b, a)):
             if qa.op is Op.ACCESS and ka.op is Op.ACCESS and self.c.input(qa.arg) and self.c.input(ka.arg) \
-                    and _plain(qa) and indirect(ka):
+                    and plain_ranks(qa) and indirect(ka):
                 return qa, ka
         raise self.fail(f"the contraction {contraction} must multiply a plain-indexed query by a cache read "
                         "through a block table, KC[BT[b, m1], m0, g, e]")
@@ -323,7 +319,7 @@ class _Matcher:
         """The block table's name and its (batch, page) ranks, checked against the max's ranks."""
         t = next(i for i in ka.args if i.op is Op.ACCESS)
         decl = self.c.input(t.arg)
-        ranks = _plain(t)
+        ranks = plain_ranks(t)
         if decl is None or decl.dtype.kind is not Kind.INT or ranks is None or len(ranks) != 2:
             raise self.fail(f"the block index {t} must read an integer input table at two plain ranks")
         pages = [x for x in ranks if x in gm.expr.reduce_ranks]
@@ -370,7 +366,7 @@ class _Matcher:
         position = E.rank(page) * E.extent(self.c.rank_extent(slot)) + E.rank(slot)
         for cond in mask_conjuncts(s.expr):
             lhs, rhs = (cond.args if cond.op is Op.LT else cond.args[::-1] if cond.op is Op.GT else (None, None))
-            if lhs == position and rhs is not None and rhs.op is Op.ACCESS and _plain(rhs) == (batch,) \
+            if lhs == position and rhs is not None and rhs.op is Op.ACCESS and plain_ranks(rhs) == (batch,) \
                     and self.c.input(rhs.arg) is not None and self.c.input(rhs.arg).dtype.kind is Kind.INT:
                 return rhs.arg
         raise self.fail(f"the score's mask must bound the key position: where({position} < SL[{batch}], .., -inf)")

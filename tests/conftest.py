@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("KASCADE_CHECK_IR", "1")
+sys.path.insert(0, os.path.dirname(__file__))   # shared test helpers (masks.py) import as top-level modules
 # generated kernels and the default tuning database of the run stay out of the user's cache
 os.environ.setdefault("KASCADE_CACHE_DIR", tempfile.mkdtemp(prefix="kascade-tests-"))
 
@@ -59,7 +61,6 @@ def make_paged_cache(lens: list[int], block: int, G: int, E: int, F: int, gen: t
 def run_kascade():
     """Run the ``kascade`` command line in a subprocess, as a user would."""
     import subprocess
-    import sys
 
     def run(*args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, COLUMNS="200")

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from masks import visible
 
 from kascade.backends.reference import evaluate
 from kascade.ir import parse, validate
@@ -40,28 +41,13 @@ def run(cascade, inputs, params=None, extents=None) -> torch.Tensor:
 
 
 # ---- attention --------------------------------------------------------------------
-def visible_mask(P: int, M: int, causal=False, window=None) -> torch.Tensor:
-    """[P, M] bool: query i sees key j (bottom-right aligned, flash-attn's definition)."""
-    i = torch.arange(P)[:, None] + M - P
-    j = torch.arange(M)[None, :]
-    ok = torch.ones(P, M, dtype=torch.bool)
-    if causal:
-        ok &= j <= i
-    if window is not None:
-        if window[0] >= 0:
-            ok &= j >= i - window[0]
-        if window[1] >= 0:
-            ok &= j <= i + window[1]
-    return ok
-
-
 def attention_ref(q, k, v, scale, *, causal=False, window=None, cap=None, slopes=None) -> torch.Tensor:
     """torch SDPA (explicit softmax when soft-capping) on ``q[b, g, r, p, e]``; rows that see
     no key are 0."""
     B, G, R, P, E = q.shape
     M = k.shape[2]
     qh = q.reshape(B, G * R, P, E)
-    ok = visible_mask(P, M, causal, window)
+    ok = visible(P, M, causal, window)
     bias = torch.zeros(G * R, P, M, dtype=f64)
     if slopes is not None:
         i = torch.arange(P)[:, None] + M - P

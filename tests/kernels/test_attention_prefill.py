@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from masks import visible
 
 from kascade.api import attention
 from kascade.backends.reference import evaluate
@@ -32,22 +33,6 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 # ---- references ---------------------------------------------------------------------------
-def visible(Sq: int, Sk: int, causal: bool, window) -> torch.Tensor:
-    """(Sq, Sk) bool: query i (at key position i + Sk - Sq) sees key j."""
-    i = torch.arange(Sq)[:, None] + Sk - Sq
-    j = torch.arange(Sk)[None, :]
-    ok = torch.ones(Sq, Sk, dtype=torch.bool)
-    if causal:
-        ok &= j <= i
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            ok &= j >= i - left
-        if right >= 0:
-            ok &= j <= i + right
-    return ok
-
-
 def naive(q, k, v, *, causal=False, window=None, softcap=None, scale=None, dtype=torch.float64):
     """Attention written out in ``dtype``: the float64 reference, or ref_lowp in q's dtype."""
     q, k, v = (t.to(dtype) for t in (q, k, v))

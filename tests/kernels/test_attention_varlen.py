@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from masks import visible
 
 from kascade.api import attention, attention_varlen
 from kascade.backends.aot import compile_kernel
@@ -30,21 +31,6 @@ FLOOR = {torch.float16: 1e-4, torch.float32: 1e-6, torch.bfloat16: 1e-3}
 
 
 # ---- references ---------------------------------------------------------------------------
-def visible(Sq: int, Sk: int, causal: bool, window) -> torch.Tensor:
-    """(Sq, Sk) bool: query i (at key position i + Sk - Sq) sees key j."""
-    i = torch.arange(Sq)[:, None] + Sk - Sq
-    j = torch.arange(Sk)[None, :]
-    ok = torch.ones(Sq, Sk, dtype=torch.bool)
-    if causal:
-        ok &= j <= i
-    if window is not None:
-        if window[0] >= 0:
-            ok &= j >= i - window[0]
-        if window[1] >= 0:
-            ok &= j <= i + window[1]
-    return ok
-
-
 def offsets(lens: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
 
