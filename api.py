@@ -19,7 +19,7 @@ from functools import cache, lru_cache
 
 import torch
 
-from kascade.autotune.choose import aot_check
+from kascade.autotune.choose import aot_check, device_target
 from kascade.autotune.choose import choose_config as choose_tuned_or_modelled
 from kascade.backends.reference import evaluate
 from kascade.codegen.attention_prefill import render
@@ -48,7 +48,6 @@ BACKENDS = ("triton", "interpret", "reference")
 DECODE_BACKENDS = ("triton", "cuda", "interpret", "reference")
 INTERPRET_LIMIT = 20_000_000   # query-key pairs x heads above which the interpreter would take minutes
 MAX_GRID_YZ = 65535            # CUDA's limit on grid axes 1 and 2
-NOMINAL_SMS = 132              # the split-count rule's SM count off the GPU (an H200), for the interpreter
 _DTYPES = {torch.float16: f16, torch.bfloat16: bf16, torch.float32: f32}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -249,10 +248,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if backend == "triton" and (B > MAX_GRID_YZ or G > MAX_GRID_YZ):
         raise ShapeError(f"batch {B} and Hkv {G} must be at most {MAX_GRID_YZ} (the decode kernel's grid limit)")
     schedule = _decode_schedule(cascade)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else NOMINAL_SMS
-    shapes = {"E": D, "F": Dv, "R": R, "itemsize": q.element_size(), "B": B, "G": G, "L": longest, "M0": BS,
-              "sm_count": sms}
-    config, why = choose_decode_config(schedule, shapes)
+    config, why = _decode_config(schedule, (("B", _pow2(B)), ("G", G), ("R", R), ("E", D), ("F", Dv), ("M0", BS),
+                                            ("L", max(16, _pow2(longest)))), q.dtype, q.device, backend)
     if num_splits is not None:
         config, why = config.replace(num_splits=num_splits), why + f"; num_splits={num_splits} given"
     sources = _decode_sources(schedule, config.replace(num_splits=1), D, Dv, R, BS)
@@ -278,6 +275,28 @@ def _prefill_config(schedule: Schedule, extents: tuple, dtype: torch.dtype, devi
     check = aot_check(schedule, heads) if backend == "triton" else None
     return choose_tuned_or_modelled(schedule, ext, dtype, device, dict(int_params), compiles_cleanly=check)
 
+
+
+@lru_cache(maxsize=1024)
+def _decode_config(schedule: Schedule, extents: tuple, dtype: torch.dtype, device: torch.device,
+                   backend: str) -> tuple[Config, str]:
+    """As :func:`_prefill_config`, at the decode sizes rounded to their tuning bucket (the batch and the
+    longest sequence to powers of two: a decode loop grows its lengths every step and must not
+    re-rank every step). When none of the model's first candidates compiles cleanly, the
+    measured spill-free defaults of ``choose_decode_config`` run."""
+    ext = dict(extents)
+    check = aot_check(schedule, _decode_render_sizes(schedule, ext["E"], ext["F"], ext["R"], ext["M0"])) \
+        if backend == "triton" else None
+    sms = device_target(device).sm_count
+
+    def fallback() -> tuple[Config, str]:
+        return choose_decode_config(schedule, {**ext, "itemsize": torch.empty((), dtype=dtype).element_size(),
+                                               "sm_count": sms})
+    return choose_tuned_or_modelled(schedule, ext, dtype, device, compiles_cleanly=check, fallback=fallback)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @cache
@@ -314,10 +333,13 @@ def _source(schedule: Schedule, config: Config, block_e: int, block_f: int) -> K
 
 @lru_cache(maxsize=256)
 def _decode_sources(schedule: Schedule, config: Config, d: int, dv: int, r: int, page: int) -> PagedDecodeSources:
+    return render_decode(schedule, config, _decode_render_sizes(schedule, d, dv, r, page))
+
+
+def _decode_render_sizes(schedule: Schedule, d: int, dv: int, r: int, page: int) -> dict[str, int]:
     c, body = schedule.cascade, schedule.kernels[0].body
-    sizes = {c.rank_extent(body.head): padded_head_dim(d), c.rank_extent(body.vhead): padded_head_dim(dv),
-             c.rank_extent(body.group): r, c.rank_extent(body.slot): page}
-    return render_decode(schedule, config, sizes)
+    return {c.rank_extent(body.head): padded_head_dim(d), c.rank_extent(body.vhead): padded_head_dim(dv),
+            c.rank_extent(body.group): r, c.rank_extent(body.slot): page}
 
 
 def _debug(line: str) -> None:

@@ -89,7 +89,7 @@ def library_cmd() -> None:
 def lower_cmd(
     target: str = typer.Argument(..., help="library cascade name or a file of cascade text"),
     print_after_all: bool = typer.Option(False, "--print-after-all", help="print the cascade after every step"),
-    pipeline: str = typer.Option("auto", help="auto | prefill | decode | none"),
+    pipeline: str = typer.Option("auto", help="auto | prefill | decode | moe | none"),
     rank: str = typer.Option(None, help="the rank to tile (prefill) or split (decode); default: the softmax's"),
     tile: int = typer.Option(None, help="tile extent for split_rank (default: a free symbol)"),
     parts: int = typer.Option(None, help="number of splits for split_kv (default: a free symbol)"),
@@ -106,10 +106,12 @@ def lower_cmd(
             steps = pl.prefill_steps(rank or (pl.softmax_ranks(c) or ("m",))[0], tile)
         elif pipeline == "decode":
             steps = pl.decode_steps(rank or (pl.softmax_ranks(c) or ("m1",))[0], parts)
+        elif pipeline == "moe":
+            steps = pl.moe_steps()
         elif pipeline == "none":
             steps = ()
         else:
-            raise KascadeError(f"unknown pipeline {pipeline!r}; accepted: auto, prefill, decode, none")
+            raise KascadeError(f"unknown pipeline {pipeline!r}; accepted: auto, prefill, decode, moe, none")
         trace = pl.lower(c, steps, check=True)
         out.print(pl.format_trace(trace, all_steps=print_after_all), markup=False)
         if check:
@@ -249,21 +251,23 @@ _DTYPE_NAMES = {"bf16": "bf16", "f16": "f16", "fp16": "f16", "f32": "f32", "fp32
 
 def _tune_schedule(what: str, dtype: str | None, causal: bool, window: str | None, softcap: bool):
     """The schedule to tune, and whether its extents follow the library's attention ranks (b, g, r)."""
-    import importlib.util
 
     from kascade.ir.dtypes import DType
     from kascade.ir.library import LIBRARY
     from kascade.ir.library import attention as attention_cascade
+    from kascade.ir.library import paged_decode as paged_decode_cascade
     from kascade.passes.schedule import attention_prefill_schedule
+    from kascade.passes.schedule_decode import paged_decode_schedule
+    from kascade.passes.score import soft_cap
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise KascadeError(f"unknown --dtype {dtype!r}; accepted: bf16, f16, f32")
     dt = DType(_DTYPE_NAMES.get(dtype or "bf16"))
-    if what == "decode" or what.startswith("paged_decode"):
-        have = importlib.util.find_spec("kascade.passes.schedule_decode") is not None
-        raise KascadeError("decode is not tunable yet: " + (
-            "passes/schedule_decode.py schedules paged decode, but the cost model (backends/model.py) and the GPU "
-            "measurement (autotune/measure.py) cover attention prefill only" if have else
-            "there is no decode schedule in passes/ yet") + "; tune 'attention' meanwhile")
+    if what == "decode":
+        if causal or window is not None:
+            raise KascadeError("--causal and --window do not apply to decode (one query per sequence sees its "
+                               "whole cache); --softcap does")
+        c = paged_decode_cascade(dtype=dt)
+        return paged_decode_schedule(soft_cap(c) if softcap else c), True, None
     if what == "moe" or what.startswith("moe"):
         raise KascadeError("moe is not tunable yet: there is no MoE (grouped GEMM) schedule in passes/; "
                            "tune 'attention' meanwhile")
@@ -286,25 +290,46 @@ def _tune_schedule(what: str, dtype: str | None, causal: bool, window: str | Non
             c = LIBRARY[what](dtype=dt)
         except TypeError:
             raise KascadeError(f"library cascade {what!r} takes no dtype; tune 'attention' or a file") from None
+        if what.startswith("paged_decode"):
+            return paged_decode_schedule(c), True, None
         return attention_prefill_schedule(c), what.startswith("attention"), None
     c = load(what)
-    sched = attention_prefill_schedule(c)
+    sched = _any_schedule(c)
     have = sched.kernels[0].body.q.dtype
     if dtype is not None and have != dt:
         raise KascadeError(f"{what} declares its inputs {have}; --dtype {dtype} does not change a file (edit it)")
     return sched, False, None
 
 
+def _any_schedule(c):
+    """A cascade file's schedule: prefill attention, else paged decode (both errors if neither)."""
+    from kascade.passes.schedule import ScheduleError, attention_prefill_schedule
+    from kascade.passes.schedule_decode import paged_decode_schedule
+    try:
+        return attention_prefill_schedule(c)
+    except ScheduleError as prefill:
+        try:
+            return paged_decode_schedule(c)
+        except ScheduleError as decode:
+            raise KascadeError(f"{c.name} is neither prefill attention ({prefill}) nor paged decode "
+                               f"({decode})") from None
+
+
 def _tune_shapes(schedule, library_ranks: bool, batch: int, heads: int, kv_heads: int | None, seq: list[int],
-                 seq_k: int | None, head_dim: int, given: dict[str, int]) -> list[dict[str, int]]:
+                 seq_k: int | None, head_dim: int, given: dict[str, int], page_size: int = 16) -> list[dict[str, int]]:
     c, body = schedule.cascade, schedule.kernels[0].body
     kv = kv_heads or heads
     if heads < 1 or kv < 1 or heads % kv:
         raise KascadeError(f"--heads {heads} must be a positive multiple of --kv-heads {kv} (GQA)")
-    checks = [("--batch", batch), ("--head-dim", head_dim), ("--seq-k", seq_k or 1), *(("--seq", s) for s in seq)]
+    checks = [("--batch", batch), ("--head-dim", head_dim), ("--seq-k", seq_k or 1), ("--page-size", page_size),
+              *(("--seq", s) for s in seq)]
     for name, v in checks:
         if v < 1:
             raise KascadeError(f"{name} must be at least 1, got {v}")
+    if schedule.kernels[0].family == "paged_decode_partial":
+        # decode sizes (backends.model.decode_extents): --seq is each sequence's cache length
+        return [{"B": batch, "G": kv, "R": heads // kv, "E": head_dim, "F": head_dim, "M0": page_size, "L": p,
+                 **given} for p in seq or [4096]]
     shapes = []
     for p in seq or [4096]:
         ext = {c.rank_extent(body.query): p, c.rank_extent(body.key): seq_k or p,
@@ -374,9 +399,11 @@ def tune_cmd(
     batch: int = typer.Option(4, "--batch", help="sequences (library attention)"),
     heads: int = typer.Option(32, "--heads", help="query heads (library attention)"),
     kv_heads: int = typer.Option(None, "--kv-heads", help="KV heads (default: --heads)"),
-    seq: list[int] = typer.Option([], "--seq", help="query length; repeat for several shapes (default 4096)"),
+    seq: list[int] = typer.Option([], "--seq", help="query length (decode: cache length); repeat for several "
+                                  "shapes (default 4096)"),
     seq_k: int = typer.Option(None, "--seq-k", help="key length (default: the query length)"),
     head_dim: int = typer.Option(128, "--head-dim", help="head dim of Q/K and of V"),
+    page_size: int = typer.Option(16, "--page-size", help="KV cache page size (decode)"),
     causal: bool = typer.Option(False, "--causal", help="causal mask (attention)"),
     window: str = typer.Option(None, "--window", help="LEFT,RIGHT sliding window (attention; -1: unbounded)"),
     softcap: bool = typer.Option(False, "--softcap", help="soft-capped scores (attention)"),
@@ -402,7 +429,7 @@ def tune_cmd(
         target = get_target(gpu)
         schedule, library_ranks, sides = _tune_schedule(what, dtype, causal, window, softcap)
         shapes = _tune_shapes(schedule, library_ranks, batch, heads, kv_heads, seq, seq_k, head_dim,
-                              parse_extents(extent))
+                              parse_extents(extent), page_size)
         params = _parse_params(param, sides)
         be, note = _backend_for(backend, target)
         if note:
@@ -453,6 +480,75 @@ def tune_cmd(
     for ext in result.skipped:
         err.print(f"not started (timeout): {ext}")
     out.print(f"records: {result.storage}; study: {', '.join(r.study for r in result.shapes)}", markup=False)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    gpu: str = typer.Option("h200", "--target", help="GPU target whose factors to fit"),
+    storage: str = typer.Option(None, "--storage", help="database URL (default: the cache dir's SQLite file)"),
+    sweep: Path = typer.Option(None, "--sweep", help="first import a sweep recorded on the GPU (bench/tuner.py "
+                               "--sweep) as measured samples"),
+    versions: str = typer.Option(None, "--versions", help="only samples timed with these software versions"),
+    store: bool = typer.Option(True, "--store/--no-store", help="write the fitted factors to the database"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Fit the cost model's efficiency factors for a target to measured times; report its error before and after.
+
+    Exit code 0: calibrated; 1: no measured samples for the target (nothing was fitted, the message
+    says what to run); 2: an error (bad target, storage, or sweep file)."""
+    import json
+
+    from kascade.autotune.calibrate import FACTORS, CalibrationError, calibrate
+    from kascade.autotune.db import TuningDatabase, default_url
+    from kascade.autotune.replay import import_sweep, load_sweeps
+    from kascade.autotune.study import masked, records_url
+    from kascade.backends.targets import get_target
+    try:
+        target = get_target(gpu)
+        url = storage or default_url()
+        db = TuningDatabase(records_url(url))
+        imported = import_sweep(db, load_sweeps(sweep), source=f"sweep:{sweep.name}") if sweep else 0
+        try:
+            cal = calibrate(target, db, versions=versions, store=store)
+        except CalibrationError as e:
+            if as_json:
+                out.print(json.dumps({"calibrated": False, "target": target.name, "reason": str(e)}), markup=False)
+            else:
+                err.print(f"nothing to calibrate: {e}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    except KascadeError as e:
+        _fail(e)
+    if as_json:
+        out.print(json.dumps({"calibrated": True, "imported": imported, **cal.as_json()}, indent=1), markup=False)
+        return
+
+    def num(x, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+    if imported:
+        out.print(f"imported {imported} measured samples from {sweep}", markup=False)
+    table = Table("factor", "default", "fitted", "samples it bounds",
+                  title=f"cost model calibration for {cal.target}: {cal.samples} measured samples, {cal.shapes} shapes")
+    for f in FACTORS:
+        table.add_row(f, f"{getattr(cal.default, f):.3f}", f"{getattr(cal.fitted, f):.3f}",
+                      str(cal.bound_samples.get(f, 0)))
+    out.print(table)
+    err_table = Table("model error", "before", "after")
+    for label, attr, fmt in (("Spearman, every sample", "spearman", ".3f"),
+                             ("Spearman within a shape (mean)", "spearman_within", ".3f"),
+                             ("MAPE %", "mape", ".1f"), ("model's pick / best measured", "pick_vs_best", ".3f")):
+        err_table.add_row(label, num(getattr(cal.before, attr), fmt), num(getattr(cal.after, attr), fmt))
+    out.print(err_table)
+    by = Table("bound (fitted)", "samples", "MAPE % before", "MAPE % after")
+    for b in cal.by_bound:
+        by.add_row(b.bound, str(b.samples), num(b.mape_before, ".1f"), num(b.mape_after, ".1f"))
+    out.print(by)
+    for note in cal.notes:
+        err.print(f"left out: {note}", markup=False)
+    if cal.stored:
+        out.print(f"stored the factors for {cal.target} ({cal.versions}) in {masked(url)}; the tuner and the "
+                  "runtime choice predict with them", markup=False)
+    else:
+        out.print("not stored (--no-store)", markup=False)
 
 
 @app.command("targets")

@@ -14,9 +14,10 @@ from functools import lru_cache
 
 import torch
 
+from kascade.autotune.calibrate import calibrated_efficiency
 from kascade.autotune.db import TuningDatabase
 from kascade.autotune.lookup import lookup
-from kascade.backends.model import rank_configs
+from kascade.backends.model import rank_configs, schedule_sizes
 from kascade.backends.targets import Target, get_target, target_for_device
 from kascade.ir.errors import KascadeError
 from kascade.passes.schedule import Config, Schedule
@@ -45,21 +46,23 @@ def _database() -> TuningDatabase:
 def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.dtype, device: torch.device,
                   params: Mapping[str, int | float] | None = None, db: TuningDatabase | None = None,
                   compiles_cleanly: Callable[[Config, Target], str | None] | None = None,
-                  tries: int = 8) -> tuple[Config, str]:
-    """``(config, why)`` for one call of a prefill-attention schedule.
+                  tries: int = 8, fallback: Callable[[], tuple[Config, str]] | None = None) -> tuple[Config, str]:
+    """``(config, why)`` for one kernel call of ``schedule`` at ``extents`` (for paged decode, the
+    sizes of :func:`~kascade.backends.model.decode_extents`).
 
     ``compiles_cleanly(config, target)``, when given, compiles a candidate ahead of time and
     says why it is unusable (spills, does not fit) or None: the model's ranking is walked
     until a candidate passes (at most ``tries``), since the model's register and shared-memory
-    estimates are only estimates."""
-    c, body = schedule.cascade, schedule.kernels[0].body
+    estimates are only estimates; then ``fallback()`` (a family's known-clean default) if given."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {"E": extents[c.rank_extent(body.head)], "F": extents[c.rank_extent(body.vhead)], "itemsize": itemsize}
+    sizes = schedule_sizes(schedule, extents, itemsize)
     target = device_target(device)
     found = lookup(schedule, extents, _DTYPE_NAMES[dtype], target, db or _database(), sizes=sizes)
     if found is not None:
         return found
-    ranked = rank_configs(schedule, extents, target, itemsize, params)
+    # the target's calibrated efficiency factors when `kascade calibrate` stored some
+    ranked = rank_configs(schedule, extents, target, itemsize, params,
+                          eff=calibrated_efficiency(target, db or _database()))
     if not ranked:
         raise KascadeError(f"no feasible config for {schedule.key()} at {dict(extents)}")
     rejected = []
@@ -70,6 +73,9 @@ def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.d
             return cfg, (f"cost model's #{i + 1} of {len(ranked)} on {target.name}: {pred.seconds * 1e6:.1f} us "
                          f"predicted, {pred.bound}-bound{skipped}")
         rejected.append(f"{cfg.key()} ({why_not})")
+    if fallback is not None:
+        cfg, why = fallback()
+        return cfg, f"default ({why}): none of the cost model's first {tries} compiles cleanly: " + "; ".join(rejected)
     raise KascadeError(f"none of the cost model's first {tries} configs compiles cleanly for {target.name}: "
                        + "; ".join(rejected))
 
@@ -82,9 +88,17 @@ def _compile(src, target: Target):
 
 def aot_check(schedule: Schedule, head_sizes: Mapping[str, int]) -> Callable[[Config, Target], str | None]:
     """A ``compiles_cleanly`` that renders the candidate and compiles it ahead of time for the
-    target with Triton: unusable if it fails, does not fit, or spills registers."""
-    from kascade.codegen.attention_prefill import render
+    target with Triton: unusable if it fails, does not fit, or spills registers. For paged decode
+    the partial kernel is checked (the merge's resources do not depend on the config);
+    ``head_sizes`` are the render sizes of the family's emitter."""
     sizes = dict(head_sizes)
+    if schedule.kernels[0].family == "paged_decode_partial":
+        from kascade.codegen.paged_decode import render as render_decode
+
+        def render(s: Schedule, cfg: Config, sz: Mapping[str, int]):
+            return render_decode(s, cfg.replace(num_splits=1), sz).partial
+    else:
+        from kascade.codegen.attention_prefill import render
 
     def check(cfg: Config, target: Target) -> str | None:
         k = _compile(render(schedule, cfg, sizes), target)

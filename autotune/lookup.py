@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from kascade.autotune.db import TuningDatabase, TuningDatabaseError, TuningKey, TuningRecord, read_json
+from kascade.backends.model import decode_extents
 from kascade.backends.targets import Target
 from kascade.passes.schedule import Config, Schedule
 
@@ -44,9 +45,19 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+EXACT = ("E", "F", "R", "M0")   # bucket entries a kernel is specialised to: a tuned config only transfers within
+
+
 def shape_bucket(schedule: Schedule, extents: Mapping[str, int]) -> str:
     """Head dims exactly (kernels are specialised to them); sequence lengths and the number of
-    (batch x head) programs rounded up to a power of two (at least 16)."""
+    (batch x head) programs rounded up to a power of two (at least 16). Paged decode: head dims,
+    query heads per KV head and page size exactly; the longest sequence ``L`` and the
+    (sequence x KV head) pairs as powers of two."""
+    if schedule.kernels[0].family == "paged_decode_partial":
+        x = decode_extents(extents)
+        out = {k: x[k] for k in ("E", "F", "R", "M0")}
+        out.update(L=max(16, _pow2(x["L"])), seqs=_pow2(x["B"] * x["G"]))
+        return ",".join(f"{k}={v}" for k, v in sorted(out.items()))
     c, body = schedule.cascade, schedule.kernels[0].body
     ext = {role: extents[c.rank_extent(r)] for role, r in
            (("E", body.head), ("F", body.vhead), ("P", body.query), ("M", body.key))}
@@ -61,10 +72,10 @@ def _parse_bucket(bucket: str) -> dict[str, int]:
 
 
 def _distance(a: dict[str, int], b: dict[str, int]) -> float:
-    """Log-distance between buckets; infinite when the head dims differ."""
-    if a.keys() != b.keys() or a.get("E") != b.get("E") or a.get("F") != b.get("F"):
+    """Log-distance between buckets; infinite when what the kernel is specialised to differs."""
+    if a.keys() != b.keys() or any(a.get(k) != b.get(k) for k in EXACT):
         return math.inf
-    return sum(abs(math.log2(a[k]) - math.log2(b[k])) for k in a if k not in ("E", "F"))
+    return sum(abs(math.log2(a[k]) - math.log2(b[k])) for k in a if k not in EXACT)
 
 
 def lookup(schedule: Schedule, extents: Mapping[str, int], dtype: str, target: Target,

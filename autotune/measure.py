@@ -35,7 +35,7 @@ from functools import partial
 from typing import Any
 
 from kascade.autotune.space import parse_config
-from kascade.backends.model import Prediction, attention_prefill_cost, predict
+from kascade.backends.model import Efficiency, Prediction, cost_rule, predict, schedule_cost
 from kascade.backends.targets import Target
 from kascade.ir.errors import KascadeError
 from kascade.passes.schedule import Config, Schedule, padded_head_dim
@@ -108,17 +108,16 @@ class ModelMeasurer(Measurer):
     two_phase = False
 
     def __init__(self, schedule: Schedule, extents: Mapping[str, int], target: Target, dtype: str,
-                 params: Mapping[str, int | float] | None = None):
-        if schedule.kernels[0].family != "attention_prefill":
-            raise KascadeError(f"the cost model has no rule for kernel family {schedule.kernels[0].family!r} "
-                               "(backends/model.py covers attention_prefill)")
+                 params: Mapping[str, int | float] | None = None, eff: Efficiency | None = None):
+        cost_rule(schedule)   # a family without a cost rule: a clear error here, not mid-study
         self.schedule, self.extents, self.target, self.dtype = schedule, dict(extents), target, dtype
         self.params = dict(params or {})
         self.itemsize = schedule.kernels[0].body.q.dtype.itemsize
+        self.eff = eff or Efficiency()   # the target's calibrated factors, or the model's defaults
 
     def predict(self, config: Config) -> Prediction:
-        cost = attention_prefill_cost(self.schedule, config, self.extents, self.target, self.itemsize, self.params)
-        return predict(cost, self.target, self.dtype)
+        cost = schedule_cost(self.schedule, config, self.extents, self.target, self.itemsize, self.params)
+        return predict(cost, self.target, self.dtype, self.eff)
 
     def measure(self, config: Config) -> Timing:
         s = self.predict(config).seconds
@@ -485,17 +484,23 @@ def check_config(job: PrefillJob, key: str, *, interpret: bool = False) -> float
 def prefill_samples(job: PrefillJob, key: str, phase: str) -> list[float]:
     """Seconds per repetition of config ``key`` (runs in the worker): compiled and checked on first
     use, then timed with the L2 flushed between repetitions (CUDA graphs below ``graph_below_s``)."""
-    from triton.testing import do_bench, do_bench_cudagraph
     st = _STATE.get(job.ident())
     if st is None:
         _STATE.clear()   # one shape at a time: free the previous inputs
         st = _STATE[job.ident()] = _PrefillState(job)
-    run = st.launcher(key)
+    return bench_samples(st.launcher(key), st.graph, key, job, phase)
+
+
+def bench_samples(run: Callable[[], None], graph: dict[str, bool], key: str, job, phase: str) -> list[float]:
+    """Seconds per repetition of ``run``: ``do_bench`` with the L2 flushed between repetitions, or a
+    CUDA graph of many launches when one launch is shorter than ``job.graph_below_s`` (decided once
+    per config key, remembered in ``graph``)."""
+    from triton.testing import do_bench, do_bench_cudagraph
     rep = {"probe": job.probe_ms, "full": job.rep_ms}.get(phase, job.retime_ms)
-    if key not in st.graph:
+    if key not in graph:
         ms = do_bench(run, warmup=5, rep=job.probe_ms, return_mode="median")
-        st.graph[key] = ms * 1e-3 < job.graph_below_s
-    if st.graph[key]:
+        graph[key] = ms * 1e-3 < job.graph_below_s
+    if graph[key]:
         import torch
         torch.cuda.synchronize()
         with torch.cuda.stream(torch.cuda.Stream()):   # graphs are captured off the default stream (older tritons)

@@ -40,10 +40,12 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from kascade.autotune.calibrate import calibrated_efficiency
 from kascade.autotune.db import TuningDatabase, TuningKey, TuningRecord, default_url, is_sqlite
 from kascade.autotune.db import records_table as _records
 from kascade.autotune.lookup import shape_bucket, software_versions, target_key
 from kascade.autotune.measure import MeasureError, Measurer, ModelMeasurer, Timing, gpu_measurer
+from kascade.autotune.samples import measurement_of, store_measurement
 from kascade.autotune.space import ENUMERATION_LIMIT, SearchSpace, parse_config, sizes_for
 from kascade.autotune.study import (
     CONSTRAINED,
@@ -58,7 +60,7 @@ from kascade.autotune.study import (
     study_key,
     supports_set_constraint,
 )
-from kascade.backends.model import Prediction
+from kascade.backends.model import Efficiency, Prediction
 from kascade.backends.targets import Target, get_target
 from kascade.passes.schedule import Config, Schedule
 
@@ -230,12 +232,15 @@ def tune(schedule: Schedule, shapes: Sequence[Mapping[str, int]], target: str | 
                         "(--storage postgresql+psycopg://user:password@host:5432/database) or Optuna's "
                         "JournalStorage (--storage journal:///path/to/study.log)")
     family = schedule.kernels[0].family
-    if family != "attention_prefill":
+    if family not in TUNABLE:
         raise TuneError(f"kernel family {family!r} is not tunable yet: the cost model and the GPU measurement "
-                        "cover attention_prefill")
+                        f"cover {', '.join(TUNABLE)}")
     factory, backend_name = _factory(backend, target, params, workers)
     measured = _is_measured(factory, schedule, shapes[0], backend_name)
     storage, db = open_storage(url, heartbeat=measured, workers=workers)
+    eff = calibrated_efficiency(target, db)   # the model's factors for this target: calibrated, else defaults
+    if backend_name == "model":
+        factory, _ = _factory("model", target, params, workers, eff)
     versions = versions or software_versions()
     deadline = None if timeout is None else start + timeout
     results, skipped, buckets = [], [], set()
@@ -256,18 +261,22 @@ def tune(schedule: Schedule, shapes: Sequence[Mapping[str, int]], target: str | 
                 schedule, ext, target, factory=factory, measured=measured, storage=storage, db=db, url=url,
                 trials=trials, deadline=deadline, sampler=sampler, study_name=name, seed=seed, workers=workers,
                 params=params, versions=versions, warm_start=warm_start, tie_band=tie_band, retime_top=retime_top,
-                progress=progress, index=i, count=len(todo)))
+                progress=progress, index=i, count=len(todo), eff=eff))
     finally:
         optuna.logging.set_verbosity(level)
     return TuneResult(results, backend_name, masked(url), time.monotonic() - start, skipped)
 
 
-def _factory(backend, target: Target, params, workers: int) -> tuple[MeasurerFactory, str]:
+TUNABLE = ("attention_prefill", "paged_decode_partial")   # families with a cost rule and a GPU measurer
+
+
+def _factory(backend, target: Target, params, workers: int,
+             eff: Efficiency | None = None) -> tuple[MeasurerFactory, str]:
     if callable(backend):
         return backend, getattr(backend, "__name__", "custom")
     if backend == "model":
         def model(schedule: Schedule, ext: Mapping[str, int], worker: int) -> Measurer:
-            return ModelMeasurer(schedule, ext, target, schedule.kernels[0].body.q.dtype.value, params)
+            return ModelMeasurer(schedule, ext, target, schedule.kernels[0].body.q.dtype.value, params, eff)
         return model, "model"
     if backend == "gpu":
         import torch
@@ -279,6 +288,9 @@ def _factory(backend, target: Target, params, workers: int) -> tuple[MeasurerFac
                             "each other's times; use at most one worker per GPU (and more machines on one storage)")
 
         def gpu(schedule: Schedule, ext: Mapping[str, int], worker: int) -> Measurer:
+            if schedule.kernels[0].family == "paged_decode_partial":
+                from kascade.autotune.measure_decode import decode_measurer
+                return decode_measurer(schedule, ext, params, device=worker % n)
             return gpu_measurer(schedule, ext, params, device=worker % n)
         return gpu, "gpu"
     raise TuneError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (or a measurer factory)")
@@ -299,12 +311,13 @@ def _is_measured(factory: MeasurerFactory, schedule: Schedule, ext: Mapping[str,
 def _tune_shape(schedule: Schedule, ext: dict, target: Target, *, factory: MeasurerFactory, measured: bool,
                 storage, db: TuningDatabase, url: str, trials: int, deadline: float | None, sampler: str,
                 study_name: str | None, seed: int, workers: int, params, versions: str, warm_start: int,
-                tie_band: float, retime_top: int, progress, index: int, count: int) -> ShapeResult:
+                tie_band: float, retime_top: int, progress, index: int, count: int,
+                eff: Efficiency | None = None) -> ShapeResult:
     body = schedule.kernels[0].body
     dtype = body.q.dtype.value
     key = TuningKey(schedule.key(), shape_bucket(schedule, ext), dtype, target_key(target), versions, measured)
     space = SearchSpace(schedule, sizes_for(schedule, ext, body.q.dtype.itemsize))
-    model = ModelMeasurer(schedule, ext, target, dtype, params)
+    model = ModelMeasurer(schedule, ext, target, dtype, params, eff)
     ranking: list[tuple[Prediction, Config]] = []
     if space.size <= ENUMERATION_LIMIT:
         ranking = sorted(((model.predict(c), c) for c in space.configs()), key=lambda pc: (pc[0].seconds, pc[1].key()))
@@ -385,6 +398,9 @@ def _tune_shape(schedule: Schedule, ext: dict, target: Target, *, factory: Measu
         finally:
             pool.free.put(m)
         trial.set_user_attr("quantiles", timing.quantiles)
+        if measured:   # every measured trial is kept, at its exact shape: the cost model is calibrated on them
+            store_measurement(db, measurement_of(schedule, ext, params, dtype, key.target, versions, cfg, timing.median,
+                                                 timing.quantiles, name))
         book.done(k, "complete", timing.median)
         return timing.median
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
+from kascade.backends.model import schedule_sizes
 from kascade.ir.errors import KascadeError
 from kascade.passes.schedule import Config, Schedule
 
@@ -148,16 +149,7 @@ class SearchSpace:
         return None
 
 
-def sizes_for(schedule: Schedule, extents: Mapping[str, int], itemsize: int) -> dict[str, int]:
-    """What the schedule's constraints read at this shape: the head dims ``E`` / ``F``, the query
-    heads per KV head ``R`` (decode) and the element size."""
-    c, body = schedule.cascade, schedule.kernels[0].body
-    out = {"itemsize": itemsize}
-    for sym, rank in (("E", getattr(body, "head", None)), ("F", getattr(body, "vhead", None)),
-                      ("R", getattr(body, "group", None))):
-        if rank is not None and c.rank_extent(rank) in extents:
-            out[sym] = extents[c.rank_extent(rank)]
-    return out
+sizes_for = schedule_sizes   # one definition, shared with the cost model's ranking
 
 
 def parse_config(key: str) -> Config:

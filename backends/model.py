@@ -16,14 +16,17 @@ benchmarks.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kascade.backends.targets import Target
+from kascade.ir.errors import KascadeError
 from kascade.ir.expr import Expr, Op
 from kascade.ir.extents import eval_int
 from kascade.passes.schedule import Config, Schedule, padded_head_dim
+from kascade.passes.schedule_decode import group_rows
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Cost:
     launches: int = 0
     wave_efficiency: float = 1.0  # busy fraction of the SMs over the kernel's waves
     mma_efficiency: float = 1.0   # tensor-core efficiency of the tile shape (small tiles waste MMA issue)
+    hbm_efficiency: float = 1.0   # share of HBM bandwidth the bytes in flight can sustain (Little's law)
+    latency_s: float = 0.0        # the longest program's chain of dependent loads (not stretched by waves)
 
     def __add__(self, other: Cost) -> Cost:
         def mean(a: float, wa: float, b: float, wb: float) -> float:
@@ -45,7 +50,9 @@ class Cost:
                     self.hbm_bytes + other.hbm_bytes, self.l2_bytes + other.l2_bytes,
                     self.launches + other.launches,
                     mean(self.wave_efficiency, self.launches, other.wave_efficiency, other.launches),
-                    mean(self.mma_efficiency, self.tensor_flops, other.mma_efficiency, other.tensor_flops))
+                    mean(self.mma_efficiency, self.tensor_flops, other.mma_efficiency, other.tensor_flops),
+                    mean(self.hbm_efficiency, self.hbm_bytes, other.hbm_efficiency, other.hbm_bytes),
+                    self.latency_s + other.latency_s)
 
 
 @dataclass(frozen=True)
@@ -80,13 +87,16 @@ def predict(cost: Cost, target: Target, dtype: str = "bf16", eff: Efficiency = E
         "tensor": cost.tensor_flops / (tensor_rate * eff.tensor * cost.mma_efficiency),
         "special": cost.special / (target.sfu_rate * eff.special),
         "flops": cost.flops / (target.fp32_rate * eff.flops),
-        "hbm": cost.hbm_bytes / (hbm * eff.hbm),
+        "hbm": cost.hbm_bytes / (hbm * eff.hbm * cost.hbm_efficiency),
         "l2": cost.l2_bytes / (hbm * eff.l2_bandwidth_ratio * eff.l2),
     }
     ideal = max(cost.tensor_flops / tensor_rate, cost.special / target.sfu_rate, cost.flops / target.fp32_rate,
                 cost.hbm_bytes / hbm)
     bound = max(terms, key=terms.get)
     body = terms[bound] / max(cost.wave_efficiency, 1e-9)
+    if cost.latency_s > body:
+        bound, body = "latency", cost.latency_s
+    terms["latency"] = cost.latency_s
     launch = cost.launches * target.launch_overhead_s
     if launch > body:
         bound = "launch"
@@ -200,12 +210,142 @@ def _tile_efficiency(bm: int, bn: int, warps: int, stages: int) -> float:
     return max(0.05, mma * latency * pipeline)
 
 
-def rank_configs(schedule: Schedule, extents: Mapping[str, int], target: Target, itemsize: int = 2,
-                 params: Mapping[str, int | float] | None = None) -> list[tuple[Prediction, Config]]:
-    """Every feasible config with its prediction, fastest first (ties broken by the config key)."""
-    c, body = schedule.cascade, schedule.kernels[0].body
-    sizes = {"E": extents[c.rank_extent(body.head)], "F": extents[c.rank_extent(body.vhead)], "itemsize": itemsize}
-    out = [(predict(attention_prefill_cost(schedule, cfg, extents, target, itemsize, params), target), cfg)
-           for cfg in schedule.configs(sizes)]
-    return sorted(out, key=lambda pc: (pc[0].seconds, pc[1].key()))
+# ---- paged decode (split-KV partials + merge) ---------------------------------------------
+HBM_LATENCY_S = 700e-9    # a dependent HBM load on A100/H100-class parts (microbenchmarks: ~500-800 ns)
+WORKSPACE_ITEMSIZE = 4    # the partials are fp32
 
+
+def decode_extents(shapes: Mapping[str, int]) -> dict[str, int]:
+    """A decode workload's sizes: sequences ``B``, KV heads ``G``, query heads per KV head ``R``,
+    head dims ``E``/``F``, page size ``M0``, the longest sequence ``L`` and the keys over the
+    whole batch ``KV`` (default ``B * L``: every sequence as long as the longest)."""
+    out = {k: int(shapes[k]) for k in ("B", "G", "R", "E", "F", "M0", "L")}
+    out["KV"] = int(shapes.get("KV", out["B"] * out["L"]))
+    return out
+
+
+def paged_decode_cost(schedule: Schedule, config: Config, extents: Mapping[str, int], target: Target,
+                      itemsize: int = 2, params: Mapping[str, int | float] | None = None) -> Cost:
+    """Cost of split-KV paged decode at the sizes of :func:`decode_extents`: the partial kernel
+    (``num_splits * G * B`` programs, each streaming its split's pages ``BLOCK_N`` keys per step,
+    all ``R`` query heads of a KV head padded to ``BLOCK_R`` rows in one MMA) and the merge
+    (the fp32 partials written and read back once more per split).
+
+    Decode is bandwidth-bound when the GPU is full; with few programs it is latency-bound, which
+    the Little's-law factor ``hbm_efficiency`` says: the bytes the resident programs keep in flight
+    (``num_stages - 1`` tiles each) divided by what HBM needs in flight to run at full rate, beyond
+    the idle SMs that the wave efficiency already charges for."""
+    x = decode_extents(extents)
+    B, G, R, E, F, M0, L, KV = (x[k] for k in ("B", "G", "R", "E", "F", "M0", "L", "KV"))
+    bn, warps, stages, C = config["BLOCK_N"], config["num_warps"], config["num_stages"], config["num_splits"]
+    Ep, Fp, rows = padded_head_dim(E), padded_head_dim(F), group_rows(R)
+    pages = max(1, math.ceil(L / M0))
+    per_split = math.ceil(pages / C) * M0                       # keys of a full split
+    busy = math.ceil(L / per_split) if L else 0                 # splits of the longest sequence with keys
+    steps = sum(math.ceil(min(per_split, L - i * per_split) / bn) for i in range(busy))
+    fill = KV / (B * L) if B * L else 0.0                       # shorter sequences do proportionally less
+    key_steps = G * B * steps * fill
+    scores = key_steps * bn * rows
+    kv_bytes = G * KV * (E + F) * itemsize
+    partials = B * G * R * C * (F + 2) * WORKSPACE_ITEMSIZE
+    q_bytes = B * G * R * E * itemsize * C                      # every split reads its queries
+    programs = C * G * B
+    shared = itemsize * (rows * Ep + max(1, stages - 1) * bn * (Ep + Fp))
+    regs = min(255, (rows * (bn + Fp) + (rows * Ep + 2 * bn * (Ep + Fp)) * itemsize // 4) // (32 * warps) + 32)
+    per_sm = blocks_per_sm(target, warps, shared, regs)
+    resident = min(programs, target.sm_count * per_sm)
+    waves = wave_efficiency(programs, target.sm_count, per_sm)
+    # a one-stage loop waits for each tile (half a tile in flight, on average); more stages prefetch
+    tiles_ahead = stages - 1 if stages > 1 else 0.5
+    in_flight = resident * tiles_ahead * bn * (E + F) * itemsize
+    needed = target.hbm_bandwidth * HBM_LATENCY_S
+    # the longest split's steps, each a block-table read then the K/V loads it addresses (two
+    # dependent loads), overlapped with the prefetched steps
+    chain = math.ceil(min(per_split, L) / bn) * 2 * HBM_LATENCY_S / max(1.0, tiles_ahead)
+    mma = 2.0 * scores * (Ep + Fp)
+    tensor, plain = (0.0, mma) if itemsize >= 4 else (mma, 0.0)
+    # per step: the online softmax's row max and sum, and the accumulator's rescale
+    rescale = key_steps * rows * (2 * Fp + 8)
+    partial = Cost(tensor_flops=tensor, special=float(scores + key_steps * rows), flops=6.0 * scores + rescale + plain,
+                   hbm_bytes=float(kv_bytes + q_bytes + partials), l2_bytes=float(kv_bytes + q_bytes + partials),
+                   launches=1, wave_efficiency=waves,
+                   mma_efficiency=_tile_efficiency(rows, bn, min(warps, max(1, rows // 16)), stages),
+                   hbm_efficiency=min(1.0, in_flight / needed / waves), latency_s=chain)
+    merge_programs = B * G * R
+    merge = Cost(flops=4.0 * B * G * R * C * (F + 2), special=float(B * G * R * C),
+                 hbm_bytes=float(partials + B * G * R * F * itemsize), l2_bytes=float(partials),
+                 launches=1, wave_efficiency=wave_efficiency(merge_programs, target.sm_count, 8))
+    return partial + merge
+
+
+def _decode_candidates(schedule: Schedule, extents: Mapping[str, int], sizes: Mapping[str, int]):
+    """The decode space with the split count limited to useful values: at most one split per page
+    of the longest sequence (more only adds empty programs and merge traffic)."""
+    x = decode_extents(extents)
+    pages = max(1, math.ceil(x["L"] / x["M0"]))
+    base = {ch.name: ch.values for ch in schedule.space if ch.name != "num_splits"}
+    splits = [c for ch in schedule.space if ch.name == "num_splits" for c in ch.values if c <= pages] or [1]
+    names = sorted(base)
+    for combo in itertools.product(*(base[n] for n in names)):
+        for c in splits:
+            cfg = Config.of(dict(zip(names, combo)), num_splits=c)
+            if schedule.feasible(cfg, sizes) is None:
+                yield cfg
+
+
+def _prefill_candidates(schedule: Schedule, extents: Mapping[str, int], sizes: Mapping[str, int]):
+    return schedule.configs(sizes)
+
+
+# kernel family of a schedule's first kernel -> (cost rule, candidate configs). Other families
+# (the MoE grouped GEMMs) register here from their own module.
+COST_RULES: dict[str, tuple[Callable, Callable]] = {
+    "attention_prefill": (attention_prefill_cost, _prefill_candidates),
+    "paged_decode_partial": (paged_decode_cost, _decode_candidates),
+}
+
+
+def cost_rule(schedule: Schedule) -> tuple[Callable, Callable]:
+    family = schedule.kernels[0].family
+    if family not in COST_RULES:
+        raise KascadeError(f"the cost model has no rule for kernel family {family!r}; it has rules for "
+                           f"{', '.join(sorted(COST_RULES))}")
+    return COST_RULES[family]
+
+
+def schedule_cost(schedule: Schedule, config: Config, extents: Mapping[str, int], target: Target,
+                  itemsize: int = 2, params: Mapping[str, int | float] | None = None) -> Cost:
+    """The cost of ``schedule`` at ``config`` by the rule of its kernel family."""
+    return cost_rule(schedule)[0](schedule, config, extents, target, itemsize, params)
+
+
+def schedule_sizes(schedule: Schedule, extents: Mapping[str, int], itemsize: int) -> dict[str, int]:
+    """What the schedule's constraints read: head dims ``E``/``F``, query heads per KV head ``R``
+    (decode), the element size."""
+    c, body = schedule.cascade, schedule.kernels[0].body
+    out = {"itemsize": itemsize}
+    for sym, rank in (("E", getattr(body, "head", None)), ("F", getattr(body, "vhead", None)),
+                      ("R", getattr(body, "group", None))):
+        if rank is not None and c.rank_extent(rank) in extents:
+            out[sym] = extents[c.rank_extent(rank)]
+    return out
+
+
+def rank_configs(schedule: Schedule, extents: Mapping[str, int], target: Target, itemsize: int = 2,
+                 params: Mapping[str, int | float] | None = None,
+                 eff: Efficiency = Efficiency()) -> list[tuple[Prediction, Config]]:
+    """Every candidate config with its prediction, fastest first (ties broken by the config key)."""
+    cost, candidates = cost_rule(schedule)
+    sizes = schedule_sizes(schedule, extents, itemsize)
+    dtype = {2: "bf16", 4: "tf32"}.get(itemsize, "bf16")
+    out = [(predict(cost(schedule, cfg, extents, target, itemsize, params), target, dtype, eff), cfg)
+           for cfg in candidates(schedule, extents, sizes)]
+    return sorted(out, key=_rank_key)
+
+
+def _rank_key(pc: tuple[Prediction, Config]) -> tuple:
+    """Fastest first; within 0.1 % (configs the same roof bounds equally), the one with less work
+    on the other roofs, then the config key (deterministic)."""
+    pred, cfg = pc
+    slack = sum(v for k, v in pred.terms if k not in ("ideal", "latency"))
+    return (float(f"{pred.seconds:.3g}"), slack, cfg.key())

@@ -66,7 +66,9 @@ def render(schedule: Schedule, config: Config, sizes: Mapping[str, int]) -> Page
     dims = {role: sizes[sym] for role, sym in need.items()}
     if dims["M0"] < 1:
         raise CodegenError(f"the page size {need['M0']}={dims['M0']} must be at least 1")
-    why = schedule.feasible(config, {"E": dims["E"], "F": dims["F"], "R": dims["R"], "itemsize": body.q.dtype.itemsize})
+    # the split count is a launch argument: any count renders the same source
+    why = schedule.feasible(config.replace(num_splits=1),
+                            {"E": dims["E"], "F": dims["F"], "R": dims["R"], "itemsize": body.q.dtype.itemsize})
     if why is not None:
         raise CodegenError(f"config {config.key()} is not feasible: {why}")
     if body.q.dtype not in DTYPE_NAMES:

@@ -61,17 +61,47 @@ def _strip_mask(e: Expr) -> Expr:
     return e
 
 
-def _is_contraction(red: Expr) -> bool:
+def _matrix_ranks(e: Expr, inputs: frozenset[str]) -> frozenset[str]:
+    """The ranks ``e`` spans as a matrix operand. A rank that reaches an *input* only through
+    an index read (``W13[ROWEXP[q], h, f, d]``, ``KC[BT[b, m1], m0, g, e]``) picks which matrix
+    of a stack in memory is used (an expert's, a cache block), so it is a group rank there,
+    not a matrix dimension. An intermediate read through an index (``EO[POS[t * K + k], d]``)
+    is a row gather: all its ranks count."""
+    if e.op is Op.RANK:
+        return frozenset((e.arg,))
+    if e.op is Op.ACCESS:
+        if e.arg not in inputs:
+            return free_ranks(e)
+        return frozenset().union(*(_direct_ranks(i) for i in e.args))
+    if e.op is Op.REDUCE:
+        return _matrix_ranks(e.args[0], inputs) - frozenset(e.reduce_ranks)
+    return frozenset().union(*(_matrix_ranks(a, inputs) for a in e.args))
+
+
+def _direct_ranks(e: Expr) -> frozenset[str]:
+    """Ranks of an index expression outside any tensor read nested in it."""
+    if e.op is Op.ACCESS:
+        return frozenset()
+    if e.op is Op.RANK:
+        return frozenset((e.arg,))
+    out = frozenset().union(*(_direct_ranks(a) for a in e.args))
+    return out - frozenset(e.reduce_ranks) if e.op is Op.REDUCE else out
+
+
+def _is_contraction(red: Expr, inputs: frozenset[str] = frozenset()) -> bool:
     """``sum[r](a * b)`` where a and b both vary with r and each has a rank the other
-    lacks: the shape of a matrix product, which tensor cores run."""
+    lacks as a matrix: the shape of a matrix product, which tensor cores run. Grouped
+    GEMMs count (``X[PAIR[q] // K, d] * W13[ROWEXP[q], h, f, d]``: rows ``q`` of gathered
+    activations times the matrix of each row's expert; see :func:`_matrix_ranks`)."""
     if red.reduce_kind != "sum":
         return False
     body = _strip_mask(red.args[0])
     if body.op is not Op.MUL:
         return False
     a, b = (free_ranks(x) for x in body.args)
+    am, bm = (_matrix_ranks(x, inputs) for x in body.args)
     reduced = set(red.reduce_ranks)
-    return bool(a & reduced) and bool(b & reduced) and bool(a - b) and bool(b - a) \
+    return bool(a & reduced) and bool(b & reduced) and bool(a - bm) and bool(b - am) \
         and all(tensors_read(x) for x in body.args)
 
 
@@ -79,6 +109,7 @@ class _Counter:
     def __init__(self, c: Cascade, ext: Mapping[str, int]):
         self.c, self.ext = c, ext
         self.dtypes = infer_dtypes(c)
+        self.inputs = frozenset(t.name for t in c.inputs)
         self.macs = self.special = self.flops = 0
 
     def size(self, ranks) -> int:
@@ -99,7 +130,7 @@ class _Counter:
             return  # index arithmetic is not floating-point work
         if e.op is Op.REDUCE:
             n = self.size(free_ranks(e.args[0]) | set(e.reduce_ranks))
-            if _is_contraction(e):
+            if _is_contraction(e, self.inputs):
                 self.macs += n
                 for x in _strip_mask(e.args[0]).args:
                     self.visit(x)

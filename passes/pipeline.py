@@ -16,6 +16,7 @@ from kascade.ir.printer import format_cascade
 from kascade.ir.settings import settings
 from kascade.ir.validate import validate
 from kascade.passes.analysis import pass_counts
+from kascade.passes.moe_grouping import group_experts, has_expert_part
 from kascade.passes.normalize import defer_normalization
 from kascade.passes.softmax import online_softmax, split_reduction
 from kascade.passes.split_rank import split_rank
@@ -44,6 +45,11 @@ def decode_steps(rank: str = "m1", parts: int | str | None = None) -> tuple[Step
     )
 
 
+def moe_steps() -> tuple[Step, ...]:
+    """MoE: the expert part runs once per expert over the rows routed to it (grouped GEMMs)."""
+    return (Step("group_experts", group_experts),)
+
+
 def softmax_ranks(c: Cascade) -> tuple[str, ...]:
     """The ranks of the first max that is read as ``exp(x - max)`` (empty if none). A softmax
     over a rank that an operator also runs over (a router's softmax before its top-k) is
@@ -61,13 +67,15 @@ def softmax_ranks(c: Cascade) -> tuple[str, ...]:
 
 def default_steps(c: Cascade, tile: int | str | None = None, parts: int | str | None = None) -> tuple[Step, ...]:
     """A softmax over one rank gets the prefill pipeline; over several ranks (a paged
-    cache's blocks and slots) the split-KV decode pipeline over the outer one."""
+    cache's blocks and slots) the split-KV decode pipeline over the outer one. An MoE
+    block (alone or in a layer) gets its experts grouped last."""
     ranks = softmax_ranks(c)
+    moe = moe_steps() if has_expert_part(c) else ()
     if len(ranks) == 1:
-        return prefill_steps(ranks[0], tile)
+        return prefill_steps(ranks[0], tile) + moe
     if len(ranks) > 1:
-        return decode_steps(ranks[0], parts)
-    return (Step("defer_normalization", defer_normalization),)
+        return decode_steps(ranks[0], parts) + moe
+    return (Step("defer_normalization", defer_normalization),) + moe
 
 
 def lower(c: Cascade, steps: tuple[Step, ...], *, check: bool | None = None) -> list[tuple[str, Cascade]]:

@@ -47,6 +47,9 @@ from kascade.passes.schedule import (
 from kascade.passes.softmax import split_reduction
 
 MAX_SPLITS = 1024            # the CUDA launcher's limit too
+# split counts the tuner and the cost model choose from (a call may still pass any count up to
+# MAX_SPLITS): steps of about 1.5x, since a few percent more splits changes nothing measurable
+SPLIT_CHOICES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 MIN_KEYS_PER_SPLIT = 64      # fewer keys per split and the merge's traffic stops paying off
 PROGRAMS_PER_SM_TARGET = 4   # partial-kernel programs per SM that the default split count aims for
 MAX_GROUP = 64               # query heads per KV head that one program holds (BLOCK_R rows)
@@ -92,7 +95,7 @@ DECODE_SPACE = (
     Choice("BLOCK_N", (16, 32, 64, 128)),
     Choice("num_warps", (1, 2, 4, 8)),
     Choice("num_stages", (1, 2, 3, 4)),
-    Choice("num_splits", tuple(range(1, MAX_SPLITS + 1))),
+    Choice("num_splits", SPLIT_CHOICES),
 )
 
 
@@ -199,6 +202,7 @@ def choose_decode_config(schedule: Schedule, shapes: Mapping[str, int]) -> tuple
     longest = shapes.get("L", 0)
     splits = default_num_splits(shapes.get("B", 1) * shapes.get("G", 1), longest, shapes.get("M0", 16),
                                 shapes.get("sm_count", 132))
+    splits = max(c for c in SPLIT_CHOICES if c <= splits)     # a count the schedule's space has
     per_split = -(-longest // splits) if longest else 0
     why = (f"{'fp32' if fp32 else '16-bit'} inputs, head dim {d}, {sizes['R']} query heads per KV head "
            f"(BLOCK_R={rows}): BLOCK_N={bn}, {warps} warps; {splits} splits for {shapes.get('B', 1)}x"

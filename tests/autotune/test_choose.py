@@ -55,3 +55,60 @@ def test_the_real_compiler_vetoes_a_spilling_first_choice(tmp_path):
     cfg, why = choose_config(sched, ext, torch.bfloat16, CPU, db=db, compiles_cleanly=check)
     assert first == Config.of(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
     assert cfg != first and "spills" in why and why.startswith("cost model's #")
+
+
+# ---- paged decode: the same order (tuned record, else the model), at decode sizes ----------------
+def test_decode_uses_a_tuned_record_for_its_bucket_and_the_nearest_for_other_lengths(tmp_path):
+    from kascade.ir.library import paged_decode
+    from kascade.passes.schedule_decode import paged_decode_schedule
+    sched = paged_decode_schedule(paged_decode())
+    ext = dict(B=8, G=8, R=4, E=128, F=128, M0=16, L=4096)
+    db = TuningDatabase(f"sqlite:///{tmp_path / 'decode.db'}")
+    cfg, why = choose_config(sched, ext, torch.bfloat16, CPU, db=db)
+    assert why.startswith("cost model's #1") and cfg == rank_configs(sched, ext, device_target(CPU), 2)[0][1]
+    tuned = Config.of(BLOCK_N=32, num_warps=4, num_stages=2, num_splits=6)
+    db.put(TuningRecord(TuningKey(sched.key(), shape_bucket(sched, ext), "bf16", target_key(device_target(CPU)),
+                                  software_versions()), tuned.key(), 3e-5, source="decode sweep"))
+    assert choose_config(sched, ext, torch.bfloat16, CPU, db=db) == (tuned, choose_config(
+        sched, ext, torch.bfloat16, CPU, db=db)[1])
+    assert choose_config(sched, ext, torch.bfloat16, CPU, db=db)[1].startswith("tuned:")
+    near = choose_config(sched, {**ext, "L": 8000}, torch.bfloat16, CPU, db=db)
+    assert near[0] == tuned and near[1].startswith("nearest tuned bucket")
+    # another page size is another kernel: the record does not transfer
+    assert choose_config(sched, {**ext, "M0": 32}, torch.bfloat16, CPU, db=db)[1].startswith("cost model")
+
+
+def test_decode_falls_back_to_the_measured_defaults_when_nothing_compiles_cleanly(tmp_path):
+    from kascade.ir.library import paged_decode
+    from kascade.passes.schedule_decode import choose_decode_config, paged_decode_schedule
+    sched = paged_decode_schedule(paged_decode())
+    ext = dict(B=8, G=8, R=4, E=128, F=128, M0=16, L=4096)
+    db = TuningDatabase(f"sqlite:///{tmp_path / 'decode.db'}")
+    default = choose_decode_config(sched, {**ext, "itemsize": 2})
+    cfg, why = choose_config(sched, ext, torch.bfloat16, CPU, db=db, compiles_cleanly=lambda c, t: "spills",
+                             tries=3, fallback=lambda: default)
+    assert cfg == default[0] and why.startswith("default (") and why.count("spills") == 3
+
+
+def test_paged_decode_attention_runs_the_tuned_record(monkeypatch, capsys):
+    """The API looks up its decode bucket (batch and longest sequence rounded to powers of two)."""
+    from kascade import paged_decode_attention
+    from kascade.api import _decode_cascade, _decode_schedule
+    from kascade.autotune.choose import _database
+    from kascade.ir.dtypes import f16
+    sched = _decode_schedule(_decode_cascade(False, f16))
+    tuned = Config.of(BLOCK_N=16, num_warps=2, num_stages=2, num_splits=3)
+    ext = dict(B=4, G=1, R=3, E=24, F=24, M0=7, L=64)    # the bucket of 3 sequences of up to 50 keys
+    _database().put(TuningRecord(TuningKey(sched.key(), shape_bucket(sched, ext), "f16", target_key(device_target(CPU)),
+                                           software_versions()), tuned.key(), 1e-5, source="test sweep"))
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 3, 24, generator=gen).half()
+    kc, vc = (torch.randn(24, 7, 1, 24, generator=gen).half() for _ in range(2))
+    table = torch.randperm(24, generator=gen)[:24].reshape(3, 8).int()
+    lens = torch.tensor([50, 9, 33], dtype=torch.int32)
+    monkeypatch.setenv("KASCADE_DEBUG", "1")
+    out = paged_decode_attention(q, kc, vc, table, lens, backend="interpret")
+    err = capsys.readouterr().err
+    assert f"config={tuned.key()} (tuned:" in err and "test sweep" in err
+    ref = paged_decode_attention(q.float(), kc.float(), vc.float(), table, lens, backend="reference").double()
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=0)

@@ -90,7 +90,7 @@ def test_a_corrupt_database_is_reported_and_tuning_elsewhere_works(tmp_path, cac
 
 
 @pytest.mark.parametrize("args, message", [
-    (["tune", "decode"], "decode is not tunable yet"),
+    (["tune", "decode", "--causal"], "do not apply to decode"),
     (["tune", "moe"], "moe is not tunable yet"),
     (["tune", "gemm"], "attention_prefill_schedule"),
     (["tune", "attention", "--workers", "2"], "PostgreSQL"),
@@ -142,3 +142,18 @@ def test_export_then_import_and_show(cache, tmp_path):
     code, stdout, _ = kascade("show", "--storage", b)
     assert code == 0 and "1 tuning records" in stdout and "predicted" in stdout
     assert "study kascade:attention_prefill:" in kascade("show", "--storage", a)[1]
+
+
+def test_decode_dry_run_finds_the_models_best_and_stores_a_predicted_record(cache):
+    from kascade.backends.model import rank_configs
+    from kascade.backends.targets import get_target
+    from kascade.ir.library import paged_decode
+    from kascade.passes.schedule_decode import paged_decode_schedule
+    code, stdout, stderr = kascade("tune", "decode", "--backend", "model", "--trials", "60", "--batch", "2",
+                                   "--heads", "16", "--kv-heads", "2", "--seq", "20000", "--page-size", "32")
+    assert code == 0, stderr
+    ext = dict(B=2, G=2, R=8, E=128, F=128, M0=32, L=20000)
+    best = rank_configs(paged_decode_schedule(paged_decode()), ext, get_target("h200"))[0][0]
+    assert "M0=32,R=8" in stdout and "predicted (model)" in stdout
+    (rec,) = TuningDatabase(f"sqlite:///{cache / 'tuning.db'}").records(measured=False)
+    assert rec.seconds <= best.seconds * 1.01      # the decode space is flat near its best: within the tie band
