@@ -5,7 +5,7 @@ triton, jinja2 and the kernels load on the first call).
 """
 
 from kascade.ir import Cascade, KascadeError, parse
-from kascade.ops import attention, attention_varlen, paged_decode_attention
+from kascade.ops import attention, attention_varlen, moe, paged_decode_attention
 
 
 def compile(cascade, target="h200"):  # noqa: A001 - the name users expect, as torch.compile
@@ -15,5 +15,5 @@ def compile(cascade, target="h200"):  # noqa: A001 - the name users expect, as t
 
 __version__ = "0.1.0"
 
-__all__ = ["Cascade", "KascadeError", "attention", "attention_varlen", "compile", "paged_decode_attention", "parse",
-           "__version__"]
+__all__ = ["Cascade", "KascadeError", "attention", "attention_varlen", "compile", "moe", "paged_decode_attention",
+           "parse", "__version__"]

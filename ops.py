@@ -121,3 +121,33 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                       num_splits=num_splits, backend=backend, out=out)
     return paged_decode_attention_op(q, k_cache, v_cache, block_table, seq_lens, softcap or 0.0, scale, num_splits,
                                      backend)
+
+
+@torch.library.custom_op("kascade::moe", mutates_args=())
+def moe_op(x: Tensor, w1: Tensor, w2: Tensor, router_logits: Tensor | None = None,
+           topk_weights: Tensor | None = None, topk_ids: Tensor | None = None, top_k: int | None = None,
+           renormalize: bool = True, activation: str = "swiglu", backend: str | None = None) -> Tensor:
+    """``kascade.moe``: x (T, D), w1 (E, 2F, D), w2 (E, D, F) and routing -> (T, D)."""
+    from kascade.api_moe import moe
+    return moe(x, w1, w2, router_logits, top_k=top_k, renormalize=renormalize, activation=activation,
+               topk_weights=topk_weights, topk_ids=topk_ids, backend=backend)
+
+
+@moe_op.register_fake
+def _moe_fake(x, w1, w2, router_logits=None, topk_weights=None, topk_ids=None, top_k=None, renormalize=True,
+              activation="swiglu", backend=None):
+    return x.new_empty(x.shape)
+
+
+def moe(x: Tensor, w1: Tensor, w2: Tensor, router_logits: Tensor | None = None, *, top_k: int | None = None,
+        renormalize: bool = True, activation: str = "swiglu", topk_weights: Tensor | None = None,
+        topk_ids: Tensor | None = None, backend: str | None = None, out: Tensor | None = None) -> Tensor:
+    """A Mixture-of-Experts block in vLLM's fused_moe layout (see ``kascade.api_moe.moe``)."""
+    typed = (top_k is None or (isinstance(top_k, int) and not isinstance(top_k, bool))) and \
+        isinstance(renormalize, bool) and isinstance(activation, str) and (backend is None or isinstance(backend, str))
+    tensors = all(t is None or isinstance(t, Tensor) for t in (router_logits, topk_weights, topk_ids))
+    if out is not None or not typed or not tensors or not isinstance(x, Tensor):
+        from kascade.api_moe import moe as direct
+        return direct(x, w1, w2, router_logits, top_k=top_k, renormalize=renormalize, activation=activation,
+                      topk_weights=topk_weights, topk_ids=topk_ids, backend=backend, out=out)
+    return moe_op(x, w1, w2, router_logits, topk_weights, topk_ids, top_k, renormalize, activation, backend)

@@ -152,8 +152,8 @@ def gather(target: Target, db: TuningDatabase, versions: str | None = None) -> t
     samples = []
     for m in found:
         if versions is not None and m.versions != versions:
-            left_out[f"measured with other software versions than {versions}"] = \
-                left_out.get(f"measured with other software versions than {versions}", 0) + 1
+            why = f"measured with other software versions than {versions}"
+            left_out[why] = left_out.get(why, 0) + 1
             continue
         try:
             schedule = rebuild_schedule(m.schedule, m.cascade)

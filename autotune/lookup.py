@@ -45,18 +45,25 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-EXACT = ("E", "F", "R", "M0")   # bucket entries a kernel is specialised to: a tuned config only transfers within
+# bucket entries a kernel is specialised to (or that change its work per token): a tuned config
+# only transfers between buckets that agree on all of them
+EXACT = ("E", "F", "R", "M0", "D", "K")
 
 
 def shape_bucket(schedule: Schedule, extents: Mapping[str, int]) -> str:
     """Head dims exactly (kernels are specialised to them); sequence lengths and the number of
     (batch x head) programs rounded up to a power of two (at least 16). Paged decode: head dims,
     query heads per KV head and page size exactly; the longest sequence ``L`` and the
-    (sequence x KV head) pairs as powers of two."""
+    (sequence x KV head) pairs as powers of two. MoE: see below."""
     if schedule.kernels[0].family == "paged_decode_partial":
         x = decode_extents(extents)
         out = {k: x[k] for k in ("E", "F", "R", "M0")}
         out.update(L=max(16, _pow2(x["L"])), seqs=_pow2(x["B"] * x["G"]))
+        return ",".join(f"{k}={v}" for k, v in sorted(out.items()))
+    if schedule.kernels[0].family == "moe_gate_up":
+        # MoE: experts E, choices K, hidden D and FFN F exactly; tokens T as a power of two
+        out = {k: int(extents[k]) for k in ("E", "K", "D", "F")}
+        out["T"] = _pow2(int(extents["T"]))
         return ",".join(f"{k}={v}" for k, v in sorted(out.items()))
     c, body = schedule.cascade, schedule.kernels[0].body
     ext = {role: extents[c.rank_extent(r)] for role, r in

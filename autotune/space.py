@@ -42,7 +42,9 @@ def _is_int_run(values: tuple[int, ...]) -> bool:
 class Axis:
     """One free parameter: its name in a Config, its name in the study, its values and encoding.
     ``kind``: ``pow2`` (study value: the exponent), ``range`` (the value itself, ``log`` for wide
-    ranges) or ``categorical``."""
+    ranges), ``ordinal`` (the index into sorted values that are neither, such as split counts
+    stepping by ~1.5x: neighbours stay neighbours for TPE, unlike a categorical) or ``categorical``
+    (two values that are not a run)."""
     name: str
     param: str
     values: tuple[int, ...]
@@ -55,6 +57,8 @@ class Axis:
             return cls(name, f"log2_{name}", values, "pow2")
         if _is_int_run(values):
             return cls(name, name, values, "range")
+        if len(values) > 2:
+            return cls(name, f"idx_{name}", values, "ordinal")
         return cls(name, name, values, "categorical")
 
     def distribution(self) -> BaseDistribution:
@@ -63,6 +67,8 @@ class Axis:
         if self.kind == "range":
             lo, hi = self.values[0], self.values[-1]
             return IntDistribution(lo, hi, log=lo >= 1 and hi / lo > 64)
+        if self.kind == "ordinal":
+            return IntDistribution(0, len(self.values) - 1)
         return CategoricalDistribution(self.values)
 
     def grid(self) -> list[int]:
@@ -70,9 +76,13 @@ class Axis:
         return [self.encode(v) for v in self.values]
 
     def encode(self, value: int) -> int:
+        if self.kind == "ordinal":
+            return self.values.index(value)
         return value.bit_length() - 1 if self.kind == "pow2" else value
 
     def decode(self, raw: Any) -> int:
+        if self.kind == "ordinal":
+            return self.values[int(raw)]
         return 1 << int(raw) if self.kind == "pow2" else int(raw)
 
 

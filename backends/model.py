@@ -16,6 +16,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -305,8 +306,14 @@ COST_RULES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+RULE_MODULES = ("kascade.backends.moe_cost",)   # modules that add to COST_RULES when imported
+
+
 def cost_rule(schedule: Schedule) -> tuple[Callable, Callable]:
     family = schedule.kernels[0].family
+    if family not in COST_RULES:
+        for module in RULE_MODULES:
+            importlib.import_module(module)
     if family not in COST_RULES:
         raise KascadeError(f"the cost model has no rule for kernel family {family!r}; it has rules for "
                            f"{', '.join(sorted(COST_RULES))}")
@@ -324,8 +331,8 @@ def schedule_sizes(schedule: Schedule, extents: Mapping[str, int], itemsize: int
     (decode), the element size."""
     c, body = schedule.cascade, schedule.kernels[0].body
     out = {"itemsize": itemsize}
-    for sym, rank in (("E", getattr(body, "head", None)), ("F", getattr(body, "vhead", None)),
-                      ("R", getattr(body, "group", None))):
+    roles = (("E", "head"), ("F", "vhead"), ("R", "group"), ("D", "hidden"), ("F", "inner"))   # inner: MoE's FFN
+    for sym, rank in ((sym, getattr(body, role, None)) for sym, role in roles):
         if rank is not None and c.rank_extent(rank) in extents:
             out[sym] = extents[c.rank_extent(rank)]
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kascade.ir.builder import CascadeBuilder, TensorRef
 from kascade.ir.cascade import Cascade
-from kascade.ir.dtypes import DType, bf16, f32
+from kascade.ir.dtypes import DType, bf16, f32, i32
 from kascade.ir.errors import CascadeError
 from kascade.ir.expr import exp, max_, ranks, silu, sum_, where
 
@@ -87,4 +87,21 @@ def moe(top_k_renormalize: bool = True, router: bool = False, form: str = "dense
     if router:
         LG = cb.einsum("LG", "t x", sum_(d, X[t, d] * WR[x, d]))
     emit_moe(cb, X, LG, W13, W2, "Y", top_k_renormalize=top_k_renormalize, form=form, dtype=dtype, output=True)
+    return cb.build()
+
+
+def moe_experts(*, dtype: DType = bf16) -> Cascade:
+    """The expert part alone, for routing decided elsewhere (vLLM's ``fused_experts``): inputs
+    ``X[t, d]``, ``TW[t, k]: f32`` (routing weights), ``TI[t, k]: i32`` (expert ids), ``W13``, ``W2``
+    as in :func:`moe`; ``Y[t, d] = sum[k](TW[t, k] * expert_{TI[t, k]}(X[t]))``."""
+    cb = CascadeBuilder("moe_experts")
+    X = cb.input("X", "t d", dtype)
+    TW = cb.input("TW", "t k", f32)
+    TI = cb.input("TI", "t k", i32)
+    W13 = cb.input("W13", "x h f d", dtype)
+    W2 = cb.input("W2", "x d f", dtype)
+    GU = cb.einsum("GU", "t k h f", sum_(d, X[t, d] * W13[TI[t, k], h, f, d]))
+    ACT = cb.einsum("ACT", "t k f", silu(GU[t, k, 0, f]) * GU[t, k, 1, f])
+    EO = cb.einsum("EO", "t k d", sum_(f, ACT[t, k, f] * W2[TI[t, k], d, f]))
+    cb.einsum("Y", "t d", sum_(k, TW[t, k] * EO[t, k, d]), dtype, output=True)
     return cb.build()

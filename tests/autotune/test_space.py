@@ -24,7 +24,7 @@ EXT = dict(B=2, G=8, R=4, P=2048, M=2048, E=128, F=128)
     (tuple(range(1, 1025)), "range", IntDistribution(1, 1024, log=True)),
     ((2, 4, 8), "pow2", IntDistribution(1, 3)),
     ((16, 64), "categorical", CategoricalDistribution((16, 64))),
-    ((3, 5, 7), "categorical", CategoricalDistribution((3, 5, 7))),
+    ((3, 5, 7), "ordinal", IntDistribution(0, 2)),
 ])
 def test_ordered_choices_become_numeric_axes(values, kind, dist):
     axis = Axis.of("X", values)
@@ -68,7 +68,9 @@ def test_decode_space_and_sizes():
     assert sizes == {"E": 128, "F": 128, "R": 4, "itemsize": 2}
     space = SearchSpace(sched, sizes)
     splits = next(a for a in space.axes if a.name == "num_splits")
-    assert splits.distribution() == IntDistribution(1, 1024, log=True)
+    # split counts step by ~1.5x: the study sees their index, so neighbouring counts stay neighbours
+    assert splits.kind == "ordinal" and splits.distribution() == IntDistribution(0, 19)
+    assert splits.decode(splits.encode(48)) == 48 and splits.encode(48) == splits.encode(32) + 1
     cfg = space.random_unseen(set(), random.Random(0))
     assert cfg is not None and space.feasible(cfg) is None
 
