@@ -55,7 +55,7 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, router_logits: torc
     CUDA tensors), ``"interpret"`` (Triton's CPU interpreter, fp16/fp32, small shapes),
     ``"reference"`` (default for CPU tensors: the float64 evaluator of the library cascade).
     """
-    T, D, E, F = _check_weights(x, w1, w2)
+    T, D, E, F = check_weights(x, w1, w2)
     if activation not in ACTIVATIONS:
         raise KascadeError(f"activation {activation!r} is not supported; accepted: {', '.join(ACTIVATIONS)} "
                            "(silu(gate) * up, w1 = [gate; up])")
@@ -95,7 +95,7 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, router_logits: torc
     _debug(f"kascade.moe: backend={backend} T={T} E={E} K={K} D={D} F={F} config={config.key()} ({why})")
     from kascade.backends.moe_triton import run_moe_triton
     return run_moe_triton(x, w1, w2, weights, ids.to(torch.int32), config, interpret=backend == "interpret",
-                          out=out, schedule=schedule)
+                          out=out, schedule=schedule, align=_bookkeeping(x.device))
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +153,21 @@ def _config(schedule: Schedule, shapes: tuple, dtype: torch.dtype, device: torch
         return cfg, f"{why} (cost model unavailable: {e})"
 
 
+@lru_cache(maxsize=8)
+def _bookkeeping(device: torch.device):
+    """The routing bookkeeping: the CUDA kernel (one launch) where CuPy is installed, else torch's
+    formulation (a few small launches, same outputs)."""
+    from kascade.backends.moe_routing import align_blocks
+    if device.type != "cuda":
+        return align_blocks
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return align_blocks
+    from kascade.backends.cuda_moe import align_blocks_cuda
+    return align_blocks_cuda
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -163,7 +178,7 @@ def _debug(line: str) -> None:
 
 
 # ---- input checks ---------------------------------------------------------------------------
-def _check_weights(x, w1, w2) -> tuple[int, int, int, int]:
+def check_weights(x, w1, w2) -> tuple[int, int, int, int]:
     for name, t, dims in (("x", x, "(T, D)"), ("w1", w1, "(E, 2F, D)"), ("w2", w2, "(E, D, F)")):
         if not isinstance(t, torch.Tensor):
             raise KascadeError(f"{name} must be a torch.Tensor {dims}, got {type(t).__name__}")

@@ -268,9 +268,12 @@ def _tune_schedule(what: str, dtype: str | None, causal: bool, window: str | Non
                                "whole cache); --softcap does")
         c = paged_decode_cascade(dtype=dt)
         return paged_decode_schedule(soft_cap(c) if softcap else c), True, None
-    if what == "moe" or what.startswith("moe"):
-        raise KascadeError("moe is not tunable yet: there is no MoE (grouped GEMM) schedule in passes/; "
-                           "tune 'attention' meanwhile")
+    if what == "moe":
+        if causal or window is not None or softcap:
+            raise KascadeError("--causal, --window and --softcap are attention options; moe takes --tokens, "
+                               "--experts, --top-k, --hidden, --ffn")
+        from kascade.passes.schedule_moe import swiglu_moe_schedule
+        return swiglu_moe_schedule(dt), True, None
     sides = None
     if window is not None:
         try:
@@ -301,6 +304,19 @@ def _tune_schedule(what: str, dtype: str | None, causal: bool, window: str | Non
     return sched, False, None
 
 
+def _moe_shapes(given: dict[str, int], moe: dict) -> list[dict[str, int]]:
+    """MoE shapes (T tokens, K experts per token, E experts, D hidden, F FFN; default Mixtral-8x7B)."""
+    base = {"K": moe.get("top_k") or 2, "E": moe.get("experts") or 8, "D": moe.get("hidden") or 4096,
+            "F": moe.get("ffn") or 14336}
+    for name, v in (("--top-k", base["K"]), ("--experts", base["E"]), ("--hidden", base["D"]), ("--ffn", base["F"]),
+                    *(("--tokens", t) for t in moe.get("tokens") or ())):
+        if v < 1:
+            raise KascadeError(f"{name} must be at least 1, got {v}")
+    if base["K"] > base["E"]:
+        raise KascadeError(f"--top-k {base['K']} exceeds --experts {base['E']}")
+    return [{**base, "T": t, **given} for t in moe.get("tokens") or (16, 4096)]
+
+
 def _any_schedule(c):
     """A cascade file's schedule: prefill attention, else paged decode (both errors if neither)."""
     from kascade.passes.schedule import ScheduleError, attention_prefill_schedule
@@ -316,7 +332,8 @@ def _any_schedule(c):
 
 
 def _tune_shapes(schedule, library_ranks: bool, batch: int, heads: int, kv_heads: int | None, seq: list[int],
-                 seq_k: int | None, head_dim: int, given: dict[str, int], page_size: int = 16) -> list[dict[str, int]]:
+                 seq_k: int | None, head_dim: int, given: dict[str, int], page_size: int = 16,
+                 moe: dict | None = None) -> list[dict[str, int]]:
     c, body = schedule.cascade, schedule.kernels[0].body
     kv = kv_heads or heads
     if heads < 1 or kv < 1 or heads % kv:
@@ -326,6 +343,8 @@ def _tune_shapes(schedule, library_ranks: bool, batch: int, heads: int, kv_heads
     for name, v in checks:
         if v < 1:
             raise KascadeError(f"{name} must be at least 1, got {v}")
+    if schedule.kernels[0].family == "moe_gate_up":
+        return _moe_shapes(given, moe or {})
     if schedule.kernels[0].family == "paged_decode_partial":
         # decode sizes (backends.model.decode_extents): --seq is each sequence's cache length
         return [{"B": batch, "G": kv, "R": heads // kv, "E": head_dim, "F": head_dim, "M0": page_size, "L": p,
@@ -404,6 +423,11 @@ def tune_cmd(
     seq_k: int = typer.Option(None, "--seq-k", help="key length (default: the query length)"),
     head_dim: int = typer.Option(128, "--head-dim", help="head dim of Q/K and of V"),
     page_size: int = typer.Option(16, "--page-size", help="KV cache page size (decode)"),
+    tokens: list[int] = typer.Option([], "--tokens", help="tokens per MoE call; repeat (default 16 and 4096)"),
+    experts: int = typer.Option(None, "--experts", help="experts E (moe; default 8)"),
+    top_k: int = typer.Option(None, "--top-k", help="experts per token K (moe; default 2)"),
+    hidden: int = typer.Option(None, "--hidden", help="hidden size D (moe; default 4096)"),
+    ffn: int = typer.Option(None, "--ffn", help="expert FFN size F (moe; default 14336)"),
     causal: bool = typer.Option(False, "--causal", help="causal mask (attention)"),
     window: str = typer.Option(None, "--window", help="LEFT,RIGHT sliding window (attention; -1: unbounded)"),
     softcap: bool = typer.Option(False, "--softcap", help="soft-capped scores (attention)"),
@@ -429,7 +453,8 @@ def tune_cmd(
         target = get_target(gpu)
         schedule, library_ranks, sides = _tune_schedule(what, dtype, causal, window, softcap)
         shapes = _tune_shapes(schedule, library_ranks, batch, heads, kv_heads, seq, seq_k, head_dim,
-                              parse_extents(extent), page_size)
+                              parse_extents(extent), page_size,
+                              dict(tokens=tokens, experts=experts, top_k=top_k, hidden=hidden, ffn=ffn))
         params = _parse_params(param, sides)
         be, note = _backend_for(backend, target)
         if note:

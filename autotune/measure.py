@@ -35,7 +35,7 @@ from functools import partial
 from typing import Any
 
 from kascade.autotune.space import parse_config
-from kascade.backends.model import Efficiency, Prediction, cost_rule, predict, schedule_cost
+from kascade.backends.model import Efficiency, Prediction, cost_rule, input_dtype, predict, schedule_cost
 from kascade.backends.targets import Target
 from kascade.ir.errors import KascadeError
 from kascade.passes.schedule import Config, Schedule, padded_head_dim
@@ -112,7 +112,7 @@ class ModelMeasurer(Measurer):
         cost_rule(schedule)   # a family without a cost rule: a clear error here, not mid-study
         self.schedule, self.extents, self.target, self.dtype = schedule, dict(extents), target, dtype
         self.params = dict(params or {})
-        self.itemsize = schedule.kernels[0].body.q.dtype.itemsize
+        self.itemsize = input_dtype(schedule).itemsize
         self.eff = eff or Efficiency()   # the target's calibrated factors, or the model's defaults
 
     def predict(self, config: Config) -> Prediction:
@@ -392,7 +392,7 @@ class _PrefillState:
         if not interpret:
             torch.cuda.set_device(self.device)
         c, body = job.schedule.cascade, job.schedule.kernels[0].body
-        self.dtype = body.q.dtype
+        self.dtype = input_dtype(job.schedule)
         self.out_dtype = _torch_dtype(body.out.dtype.value)
         ext = dict(job.extents)
         self.heads = {c.rank_extent(r): padded_head_dim(ext[c.rank_extent(r)]) for r in (body.head, body.vhead)}

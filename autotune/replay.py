@@ -38,7 +38,7 @@ from kascade.autotune.measure import CallableMeasurer, MeasureError
 from kascade.autotune.samples import measurement_of, store_measurements
 from kascade.autotune.search import tune
 from kascade.autotune.study import SAMPLERS
-from kascade.backends.model import Efficiency, rank_configs
+from kascade.backends.model import Efficiency, input_dtype, rank_configs
 from kascade.backends.targets import get_target
 from kascade.ir.errors import KascadeError
 from kascade.passes.schedule import Schedule
@@ -101,7 +101,7 @@ def _described_shape(key: str, d: Mapping) -> tuple[Schedule, dict, str]:
         schedule = rebuild_schedule(d["schedule"], d["cascade"]) if d.get("schedule") else \
             attention_prefill_schedule(parse(d["cascade"]))
         return schedule, {k: int(v) for k, v in d["extents"].items()}, str(d.get("dtype") or
-                                                                         schedule.kernels[0].body.q.dtype.value)
+                                                                         input_dtype(schedule).value)
     except (KeyError, TypeError, ValueError, AttributeError, KascadeError) as e:
         raise SweepError(f"sweep shape {key!r}: its 'shapes' entry needs cascade text, extents and a dtype "
                          f"({type(e).__name__}: {e})") from None
@@ -157,11 +157,11 @@ def synthetic_sweep(schedule: Schedule, extents: Mapping[str, int], target: str 
                     eff: Efficiency | None = None) -> Sweep:
     """Every feasible config of the shape with the cost model's prediction as its time: a stand-in
     for a GPU sweep (marked synthetic)."""
-    itemsize = schedule.kernels[0].body.q.dtype.itemsize
+    itemsize = input_dtype(schedule).itemsize
     ranked = rank_configs(schedule, extents, get_target(target), itemsize, params, eff=eff or Efficiency())
     ext = {k: int(v) for k, v in extents.items()}
     return Sweep(name or ",".join(f"{k}={v}" for k, v in sorted(ext.items())), schedule, ext, dict(params or {}),
-                 schedule.kernels[0].body.q.dtype.value, target, {c.key(): p.seconds for p, c in ranked}, True,
+                 input_dtype(schedule).value, target, {c.key(): p.seconds for p, c in ranked}, True,
                  {"device": "none (cost model)", "versions": software_versions(),
                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
 

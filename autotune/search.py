@@ -60,7 +60,7 @@ from kascade.autotune.study import (
     study_key,
     supports_set_constraint,
 )
-from kascade.backends.model import Efficiency, Prediction
+from kascade.backends.model import Efficiency, Prediction, input_dtype
 from kascade.backends.targets import Target, get_target
 from kascade.passes.schedule import Config, Schedule
 
@@ -267,7 +267,7 @@ def tune(schedule: Schedule, shapes: Sequence[Mapping[str, int]], target: str | 
     return TuneResult(results, backend_name, masked(url), time.monotonic() - start, skipped)
 
 
-TUNABLE = ("attention_prefill", "paged_decode_partial")   # families with a cost rule and a GPU measurer
+TUNABLE = ("attention_prefill", "paged_decode_partial", "moe_gate_up")   # families with a cost rule and a GPU measurer
 
 
 def _factory(backend, target: Target, params, workers: int,
@@ -276,7 +276,7 @@ def _factory(backend, target: Target, params, workers: int,
         return backend, getattr(backend, "__name__", "custom")
     if backend == "model":
         def model(schedule: Schedule, ext: Mapping[str, int], worker: int) -> Measurer:
-            return ModelMeasurer(schedule, ext, target, schedule.kernels[0].body.q.dtype.value, params, eff)
+            return ModelMeasurer(schedule, ext, target, input_dtype(schedule).value, params, eff)
         return model, "model"
     if backend == "gpu":
         import torch
@@ -291,6 +291,9 @@ def _factory(backend, target: Target, params, workers: int,
             if schedule.kernels[0].family == "paged_decode_partial":
                 from kascade.autotune.measure_decode import decode_measurer
                 return decode_measurer(schedule, ext, params, device=worker % n)
+            if schedule.kernels[0].family == "moe_gate_up":
+                from kascade.autotune.measure_moe import moe_measurer
+                return moe_measurer(schedule, ext, params, device=worker % n)
             return gpu_measurer(schedule, ext, params, device=worker % n)
         return gpu, "gpu"
     raise TuneError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)} (or a measurer factory)")
@@ -313,10 +316,9 @@ def _tune_shape(schedule: Schedule, ext: dict, target: Target, *, factory: Measu
                 study_name: str | None, seed: int, workers: int, params, versions: str, warm_start: int,
                 tie_band: float, retime_top: int, progress, index: int, count: int,
                 eff: Efficiency | None = None) -> ShapeResult:
-    body = schedule.kernels[0].body
-    dtype = body.q.dtype.value
+    dtype = input_dtype(schedule).value
     key = TuningKey(schedule.key(), shape_bucket(schedule, ext), dtype, target_key(target), versions, measured)
-    space = SearchSpace(schedule, sizes_for(schedule, ext, body.q.dtype.itemsize))
+    space = SearchSpace(schedule, sizes_for(schedule, ext, input_dtype(schedule).itemsize))
     model = ModelMeasurer(schedule, ext, target, dtype, params, eff)
     ranking: list[tuple[Prediction, Config]] = []
     if space.size <= ENUMERATION_LIMIT:

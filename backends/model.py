@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kascade.backends.targets import Target
+from kascade.ir.dtypes import DType
 from kascade.ir.errors import KascadeError
 from kascade.ir.expr import Expr, Op
 from kascade.ir.extents import eval_int
@@ -324,6 +325,16 @@ def schedule_cost(schedule: Schedule, config: Config, extents: Mapping[str, int]
                   itemsize: int = 2, params: Mapping[str, int | float] | None = None) -> Cost:
     """The cost of ``schedule`` at ``config`` by the rule of its kernel family."""
     return cost_rule(schedule)[0](schedule, config, extents, target, itemsize, params)
+
+
+def input_dtype(schedule: Schedule) -> DType:
+    """The element type of a schedule's main input (attention's queries, MoE's tokens): what its
+    kernels are specialised to and what tuning records are keyed by."""
+    body = schedule.kernels[0].body
+    role = getattr(body, "q", None) or getattr(body, "x", None)
+    if role is None:
+        raise KascadeError(f"kernel family {schedule.kernels[0].family!r} names no main input (q or x)")
+    return role.dtype
 
 
 def schedule_sizes(schedule: Schedule, extents: Mapping[str, int], itemsize: int) -> dict[str, int]:

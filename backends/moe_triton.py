@@ -20,11 +20,12 @@ Kernels are rendered once per (schedule, config, D, F) and go through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from kascade.backends.moe_routing import align_blocks, capacity
+from kascade.backends.moe_routing import BlockAlignment, align_blocks, capacity
 from kascade.backends.triton import launch
 from kascade.codegen.moe_grouped_gemm import HIDDEN, INNER, PAIRS, ROWS, TOKENS, TOP_K, MoeSources, render
 from kascade.ir.dtypes import DType
@@ -47,7 +48,7 @@ def moe_sources(schedule: Schedule, config: Config, hidden: int, inner: int) -> 
 def run_moe_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, config: Config, *, interpret: bool, out: torch.Tensor | None = None,
                    schedule: Schedule | None = None, residual: torch.Tensor | None = None,
-                   directory: Path | None = None) -> torch.Tensor:
+                   directory: Path | None = None, align: Callable[..., BlockAlignment] = align_blocks) -> torch.Tensor:
     """``y[t] = (residual[t] +) sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t])``, (T, D) in x's dtype.
 
     ``schedule`` defaults to the library's SwiGLU MoE for x's dtype
@@ -56,7 +57,9 @@ def run_moe_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_wei
     exactly when the schedule's combine adds one. ``out``, if given, is written and returned.
     ``interpret=True`` runs Triton's CPU interpreter (CPU tensors), else the GPU JIT (CUDA
     tensors). Expert ids must lie in ``[0, E)``; that is checked for CPU tensors only (a check
-    on the GPU would synchronise).
+    on the GPU would synchronise). ``align``: the routing bookkeeping, torch's
+    :func:`~kascade.backends.moe_routing.align_blocks` or the CUDA kernel's
+    :func:`~kascade.backends.cuda_moe.align_blocks_cuda` (same outputs).
     """
     T, D, E, F, K = _check(x, w1, w2, topk_weights, topk_ids, out, residual, interpret)
     if schedule is None:
@@ -76,7 +79,7 @@ def run_moe_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_wei
         return out
     sources = moe_sources(schedule, config, D, F)
     bm = config["BLOCK_M"]
-    routing = align_blocks(topk_ids, E, bm)
+    routing = align(topk_ids, E, bm)
     cap = capacity(T, K, E, bm)
     extents = {ROWS: cap, PAIRS: T * K, TOKENS: T, TOP_K: K, HIDDEN: D, INNER: F}
     bookkeeping = {"SORTED_PAIRS": routing.sorted_pairs, "BLOCK_EXPERT": routing.block_expert,

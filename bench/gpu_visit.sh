@@ -23,4 +23,7 @@ print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version
 PY
 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 5
 python3 bench/attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log" | tail -n 12
+# MoE (kascade vs torch loop vs torch._grouped_mm; ~2-3 min): capped so the visit stays in its 10 minutes;
+# moe.json is rewritten after every token count, so a capped run keeps what it measured
+timeout 240 python3 bench/moe.py --out "$OUT" 2>&1 | tee "$OUT/moe.log" | tail -n 20
 python3 bench/tuner.py --sweep "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" | tail -n 8

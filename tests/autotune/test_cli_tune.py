@@ -91,7 +91,8 @@ def test_a_corrupt_database_is_reported_and_tuning_elsewhere_works(tmp_path, cac
 
 @pytest.mark.parametrize("args, message", [
     (["tune", "decode", "--causal"], "do not apply to decode"),
-    (["tune", "moe"], "moe is not tunable yet"),
+    (["tune", "moe", "--causal"], "attention options"),
+    (["tune", "moe", "--top-k", "9"], "--top-k 9 exceeds --experts 8"),
     (["tune", "gemm"], "attention_prefill_schedule"),
     (["tune", "attention", "--workers", "2"], "PostgreSQL"),
     (["tune", "attention", "--target", "tpu9"], "unknown target 'tpu9'"),
@@ -157,3 +158,16 @@ def test_decode_dry_run_finds_the_models_best_and_stores_a_predicted_record(cach
     assert "M0=32,R=8" in stdout and "predicted (model)" in stdout
     (rec,) = TuningDatabase(f"sqlite:///{cache / 'tuning.db'}").records(measured=False)
     assert rec.seconds <= best.seconds * 1.01      # the decode space is flat near its best: within the tie band
+
+
+def test_moe_dry_run_of_60_trials_finds_the_models_best(cache):
+    from kascade.backends.model import rank_configs
+    from kascade.backends.targets import get_target
+    from kascade.ir.dtypes import bf16
+    from kascade.passes.schedule_moe import swiglu_moe_schedule
+    code, stdout, stderr = kascade("tune", "moe", "--backend", "model", "--trials", "60", "--tokens", "2048",
+                                   "--experts", "128", "--top-k", "8", "--hidden", "2048", "--ffn", "768")
+    assert code == 0, stderr
+    best = rank_configs(swiglu_moe_schedule(bf16), dict(T=2048, K=8, E=128, D=2048, F=768), get_target("h200"))[0][0]
+    (rec,) = TuningDatabase(f"sqlite:///{cache / 'tuning.db'}").records(measured=False)
+    assert rec.key.bucket == "D=2048,E=128,F=768,K=8,T=2048" and rec.seconds <= best.seconds * 1.01
