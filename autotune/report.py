@@ -129,9 +129,37 @@ def attention_prefill_work(bucket: Mapping[str, int], itemsize: int, mask: str) 
     return Work(flops, nbytes, f"attention prefill, {mask}")
 
 
+def paged_decode_work(bucket: Mapping[str, int], itemsize: int) -> Work:
+    """Decode attention at the bucket: ``seqs`` (sequence, KV head) pairs of ``L`` keys, ``R`` query
+    heads per KV head. FLOPs ``2 * seqs * R * L * (E + F)``; bytes: the K and V cache read once
+    (the queries and outputs are noise beside it), so achieved bytes/s is the KV bandwidth."""
+    seqs, R, L, E, F = (bucket[k] for k in ("seqs", "R", "L", "E", "F"))
+    return Work(2.0 * seqs * R * L * (E + F), float(seqs * L * (E + F) * itemsize), "paged decode, KV read once")
+
+
+def moe_work(bucket: Mapping[str, int], itemsize: int) -> Work:
+    """Grouped SwiGLU experts at the bucket: FLOPs ``2 * T * K * 3 * D * F``; bytes: the weights of
+    the experts uniform routing touches (``E (1 - (1 - K/E)^T)`` of them) plus x in and y out."""
+    T, K, E, D, F = (bucket[k] for k in ("T", "K", "E", "D", "F"))
+    touched = E * (1.0 - (1.0 - min(K, E) / E) ** T)
+    return Work(2.0 * T * K * 3 * D * F, (touched * 3 * D * F + 2 * T * D) * itemsize,
+                "MoE experts, uniform routing")
+
+
+_FAMILY_WORK = {"paged_decode_partial+paged_decode_merge": (("seqs", "R", "L", "E", "F"), paged_decode_work),
+                "moe_gate_up+moe_down+moe_combine": (("T", "K", "E", "D", "F"), moe_work)}
+
+
 def record_work(schedule: str, bucket: str, dtype: str) -> tuple[Work | None, str]:
     """``(work, why)``: the work of a record's kernel, or None and why it cannot be counted."""
     family = schedule.split(":", 1)[0]
+    if family in _FAMILY_WORK:
+        keys, work_of = _FAMILY_WORK[family]
+        sizes = parse_bucket(bucket)
+        if sizes is None or not set(keys) <= sizes.keys() or dtype not in ITEMSIZE:
+            return None, f"bucket {bucket!r} ({dtype}) lacks {', '.join(keys)}"
+        work = work_of(sizes, ITEMSIZE[dtype])
+        return work, work.basis
     if family != "attention_prefill":
         return None, f"no FLOP/byte count for kernel family {family!r}"
     sizes = parse_bucket(bucket)

@@ -294,3 +294,15 @@ def test_the_report_command_line(run_kascade, tmp_path):
     r = run_kascade("report", "--out", str(tmp_path / "r"))
     assert r.returncode == 0, r.stderr
     assert all((tmp_path / "r" / f).is_file() for f in ("report.md", "report.html", "report.json"))
+
+
+def test_decode_and_moe_records_are_counted_for_the_roofline():
+    from kascade.autotune.report import record_work
+    work, basis = record_work("paged_decode_partial+paged_decode_merge:ab", "E=128,F=128,L=4096,M0=16,R=4,seqs=64",
+                              "bf16")
+    assert basis == "paged decode, KV read once" and work.bytes == 64 * 4096 * 256 * 2
+    assert work.flops == 2.0 * 64 * 4 * 4096 * 256
+    work, _ = record_work("moe_gate_up+moe_down+moe_combine:cd", "D=4096,E=8,F=14336,K=2,T=1", "bf16")
+    assert work.flops == 2.0 * 2 * 3 * 4096 * 14336
+    assert work.bytes == pytest.approx((2 * 3 * 4096 * 14336 + 2 * 4096) * 2)   # one token touches exactly 2
+    assert record_work("moe_gate_up+moe_down+moe_combine:cd", "D=4096,E=8", "bf16")[0] is None
