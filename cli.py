@@ -95,11 +95,18 @@ def lower_cmd(
     parts: int = typer.Option(None, help="number of splits for split_kv (default: a free symbol)"),
     check: bool = typer.Option(True, help="evaluate every step on random inputs against the input cascade"),
     extent: list[str] = typer.Option([], "--extent", "-x", help="NAME=INT for the numeric check"),
+    partition_spec: str = typer.Option(None, "--partition",
+                                       help="shard over devices and print the per-device program: "
+                                            "tp=2, ep=4, or RANK=AXIS:DEGREE,... (e.g. g=tp:2,f=tp:2)"),
 ) -> None:
     """Lower a cascade through the pass pipeline; print the IR and check each step."""
     from kascade.passes import pipeline as pl
     try:
         c = load(target)
+        if partition_spec:
+            from kascade.passes.partition import format_partitioned, partition
+            out.print(format_partitioned(partition(c, partition_spec)), markup=False)
+            return
         if pipeline == "auto":
             steps = pl.default_steps(c, tile, parts) if rank is None else pl.prefill_steps(rank, tile)
         elif pipeline == "prefill":

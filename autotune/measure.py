@@ -481,14 +481,20 @@ def check_config(job: PrefillJob, key: str, *, interpret: bool = False) -> float
     return st.check(st.source(key))
 
 
-def prefill_samples(job: PrefillJob, key: str, phase: str) -> list[float]:
-    """Seconds per repetition of config ``key`` (runs in the worker): compiled and checked on first
-    use, then timed with the L2 flushed between repetitions (CUDA graphs below ``graph_below_s``)."""
+def job_samples(make_state: Callable[[Any], Any], job, key: str, phase: str) -> list[float]:
+    """Seconds per repetition of config ``key`` of ``job`` (runs in the worker): the job's state
+    (inputs, reference, launchers: ``make_state(job)``) is kept for the job's shape, each config is
+    compiled and checked on first use, then timed by :func:`bench_samples`."""
     st = _STATE.get(job.ident())
     if st is None:
         _STATE.clear()   # one shape at a time: free the previous inputs
-        st = _STATE[job.ident()] = _PrefillState(job)
+        st = _STATE[job.ident()] = make_state(job)
     return bench_samples(st.launcher(key), st.graph, key, job, phase)
+
+
+def prefill_samples(job: PrefillJob, key: str, phase: str) -> list[float]:
+    """:func:`job_samples` of a prefill-attention job."""
+    return job_samples(_PrefillState, job, key, phase)
 
 
 def bench_samples(run: Callable[[], None], graph: dict[str, bool], key: str, job, phase: str) -> list[float]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kascade.autotune import measure
-from kascade.autotune.measure import WrongResult, bench_samples
+from kascade.autotune.measure import WrongResult
 from kascade.autotune.space import parse_config
 from kascade.backends.model import decode_extents
 from kascade.passes.schedule import Config, Schedule, padded_head_dim
@@ -133,18 +133,9 @@ class DecodeState:
         return run
 
 
-def decode_samples(job: DecodeJob, key: str, phase: str) -> list[float]:
-    """Seconds per repetition of decode config ``key`` (in the worker), checked on first use."""
-    st = measure._STATE.get(job.ident())
-    if st is None:
-        measure._STATE.clear()
-        st = measure._STATE[job.ident()] = DecodeState(job)
-    return bench_samples(st.launcher(key), st.graph, key, job, phase)
-
-
 def decode_measurer(schedule: Schedule, extents: Mapping[str, int], params: Mapping[str, int | float] | None = None,
                     *, device: int = 0, **job: Any) -> measure.ProcessMeasurer:
     from functools import partial
     j = DecodeJob(schedule, tuple(sorted(decode_extents(extents).items())), tuple(sorted((params or {}).items())),
                   **job)
-    return measure.ProcessMeasurer(partial(decode_samples, j), device=device)
+    return measure.ProcessMeasurer(partial(measure.job_samples, DecodeState, j), device=device)

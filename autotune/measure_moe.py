@@ -4,7 +4,7 @@ A :class:`MoeJob` is one MoE shape (``T`` tokens, ``K`` experts per token, ``E``
 hidden ``D``, FFN ``F``) with routing drawn once from random router logits (fixed seed), so
 every config sees the same expert loads. Each config first runs at a small check shape (same
 D, F, E, K; 37 tokens) with a poisoned output and is compared with a float64 loop over
-experts, then is timed by :func:`~kascade.autotune.measure.bench_samples` (routing
+experts, then is timed by :func:`~kascade.autotune.measure.job_samples` (routing
 bookkeeping included: it depends on BLOCK_M).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kascade.autotune import measure
-from kascade.autotune.measure import WrongResult, bench_samples
+from kascade.autotune.measure import WrongResult
 from kascade.autotune.space import parse_config
 from kascade.backends.model import input_dtype
 from kascade.passes.schedule import Schedule
@@ -118,17 +118,8 @@ class MoeState:
         return run
 
 
-def moe_samples(job: MoeJob, key: str, phase: str) -> list[float]:
-    """Seconds per repetition of MoE config ``key`` (in the worker), checked on first use."""
-    st = measure._STATE.get(job.ident())
-    if st is None:
-        measure._STATE.clear()
-        st = measure._STATE[job.ident()] = MoeState(job)
-    return bench_samples(st.launcher(key), st.graph, key, job, phase)
-
-
 def moe_measurer(schedule: Schedule, extents: Mapping[str, int], params: Mapping[str, int | float] | None = None,
                  *, device: int = 0, **job: Any) -> measure.ProcessMeasurer:
     from functools import partial
     ext = tuple(sorted((k, int(extents[k])) for k in ("T", "K", "E", "D", "F")))
-    return measure.ProcessMeasurer(partial(moe_samples, MoeJob(schedule, ext, **job)), device=device)
+    return measure.ProcessMeasurer(partial(measure.job_samples, MoeState, MoeJob(schedule, ext, **job)), device=device)

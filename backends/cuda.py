@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,15 +141,22 @@ def sm_count(device: torch.device) -> int:
 def _kernels(params: PagedDecodeParams, device_index: int):
     """``(partial, merge)`` CuPy kernels of one variant on one device, compiled by NVRTC once
     (CuPy also keeps the binary in its on-disk cache)."""
-    cupy = import_cupy()
     source = render(params)
+    module = raw_module(source, write_source, device_index)
+    return module.get_function(source.partial_kernel), module.get_function(source.merge_kernel)
+
+
+def raw_module(source, write: Callable, device_index: int):
+    """``cupy.RawModule`` of a rendered CUDA source on one device (NVRTC; CuPy also keeps the
+    binary in its on-disk cache), after ``write(source)`` leaves a readable copy for profilers
+    and debuggers where the cache directory is writable."""
+    cupy = import_cupy()
     try:
-        write_source(source)  # a readable copy for profilers and debuggers
+        write(source)
     except OSError:
         pass
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=source.code, options=NVRTC_OPTIONS)
-        return module.get_function(source.partial_kernel), module.get_function(source.merge_kernel)
+        return cupy.RawModule(code=source.code, options=NVRTC_OPTIONS)
 
 
 def _vector_ready(t: torch.Tensor, vec: int) -> bool:

@@ -25,7 +25,7 @@ import functools
 import numpy as np
 import torch
 
-from kascade.backends.cuda import NVRTC_OPTIONS, import_cupy
+from kascade.backends.cuda import import_cupy, raw_module
 from kascade.backends.moe_routing import BlockAlignment, capacity
 from kascade.codegen.moe_routing_cuda import EXPERT_BUCKETS, MoeRoutingParams, default_params, render, write_source
 from kascade.ir.dtypes import DType
@@ -67,14 +67,8 @@ def check_device(topk_ids: torch.Tensor) -> None:
 def _kernel(params: MoeRoutingParams, device_index: int):
     """The CuPy kernel of one variant on one device, compiled by NVRTC once (CuPy also keeps
     the binary in its on-disk cache)."""
-    cupy = import_cupy()
     source = render(params)
-    try:
-        write_source(source)  # a readable copy for profilers and debuggers
-    except OSError:
-        pass
-    with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=source.code, options=NVRTC_OPTIONS).get_function(source.kernel)
+    return raw_module(source, write_source, device_index).get_function(source.kernel)
 
 
 def _launch(kernel, grid, block, args, device: torch.device) -> None:

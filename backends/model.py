@@ -303,6 +303,8 @@ def _prefill_candidates(schedule: Schedule, extents: Mapping[str, int], sizes: M
 # (the MoE grouped GEMMs) register here from their own module.
 COST_RULES: dict[str, tuple[Callable, Callable]] = {
     "attention_prefill": (attention_prefill_cost, _prefill_candidates),
+    # packed sequences: costed as the dense kernel at the longest sequence (the caller's extents)
+    "attention_prefill_varlen": (attention_prefill_cost, _prefill_candidates),
     "paged_decode_partial": (paged_decode_cost, _decode_candidates),
 }
 

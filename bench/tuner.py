@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from kascade.autotune.measure import CallableMeasurer, MeasureError
+from kascade.autotune.replay import trials_to_within
 from kascade.autotune.search import SAMPLERS, tune
 from kascade.backends.model import rank_configs
 from kascade.backends.targets import get_target
@@ -48,7 +49,6 @@ SHAPES = [  # (batch, heads, kv heads, seq, head dim, causal)
     (1, 32, 8, 16384, 128, True),
     (16, 32, 8, 512, 64, False),
 ]
-WITHIN = 0.03
 
 
 def schedule_and_extents(shape) -> tuple:
@@ -120,16 +120,6 @@ def replay(table: dict[str, float | None]):
     def factory(schedule, ext, worker):
         return CallableMeasurer(fn, measured=True)
     return factory
-
-
-def trials_to_within(history, best: float, within: float = WITHIN) -> int | None:
-    """1-based count of measured configs until the best so far is within ``within`` of ``best``."""
-    so_far = math.inf
-    for i, h in enumerate(history, 1):
-        so_far = min(so_far, h.seconds)
-        if so_far <= best * (1 + within):
-            return i
-    return None
 
 
 def compare_samplers(sweeps: dict, budget: int, seeds: int, samplers: list[str]) -> list[dict]:

@@ -190,3 +190,16 @@ def example_text(request) -> str:
 @pytest.fixture(scope="session")
 def examples() -> dict[str, str]:
     return dict(EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def kascade_cache_dir(tmp_path_factory):
+    """A fresh KASCADE_CACHE_DIR shared by one module's tests (generated sources, cubins, CPU
+    builds), for modules whose module-scoped fixtures compile into it."""
+    old = os.environ.get("KASCADE_CACHE_DIR")
+    os.environ["KASCADE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kascade-cache"))
+    yield os.environ["KASCADE_CACHE_DIR"]
+    if old is None:
+        os.environ.pop("KASCADE_CACHE_DIR", None)
+    else:
+        os.environ["KASCADE_CACHE_DIR"] = old

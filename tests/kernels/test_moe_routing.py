@@ -45,16 +45,7 @@ ARCHS = ("sm_80", "sm_90a")
 POISON = 0x7F7F7F7F  # what every output element holds before a launch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kascade_cache_dir(tmp_path_factory):
-    """Generated sources, cubins and CPU builds go to a fresh directory, shared by this module's tests."""
-    old = os.environ.get("KASCADE_CACHE_DIR")
-    os.environ["KASCADE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kascade-cache"))
-    yield os.environ["KASCADE_CACHE_DIR"]
-    if old is None:
-        os.environ.pop("KASCADE_CACHE_DIR", None)
-    else:
-        os.environ["KASCADE_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("kascade_cache_dir")   # tests/conftest.py: a fresh cache per module
 
 
 # ---- the oracle ------------------------------------------------------------------------------

@@ -65,16 +65,7 @@ def variant(dtype, d, dv, page, r, softcap) -> PagedDecodeParams:
     return default_params(dtype, d, dv, page, r, softcap)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kascade_cache_dir(tmp_path_factory):
-    """Generated sources, cubins and CPU builds go to a fresh directory, shared by this module's tests."""
-    old = os.environ.get("KASCADE_CACHE_DIR")
-    os.environ["KASCADE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kascade-cache"))
-    yield os.environ["KASCADE_CACHE_DIR"]
-    if old is None:
-        os.environ.pop("KASCADE_CACHE_DIR", None)
-    else:
-        os.environ["KASCADE_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("kascade_cache_dir")   # tests/conftest.py: a fresh cache per module
 
 
 @pytest.fixture(scope="module")
