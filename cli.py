@@ -727,6 +727,139 @@ def import_cmd(
               markup=False)
 
 
+# ---- serving plans --------------------------------------------------------------------------
+def parse_seconds(text: str, what: str) -> float:
+    """``500ms``, ``0.5s``, ``200us`` or a bare number of milliseconds -> seconds (> 0)."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|s|us|µs)?\s*", text or "")
+    if not m:
+        raise KascadeError(f"{what} takes a duration such as 500ms, 0.5s or 200us, got {text!r}")
+    value = float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, None: 1e-3}[m.group(2)]
+    if not value > 0:
+        raise KascadeError(f"{what} {text!r} is impossible to meet: give a positive duration such as 500ms")
+    return value
+
+
+def parse_workload(spec: str, seed: int):
+    """``trace.jsonl`` / ``trace.csv`` (a file), or ``poisson:rate=R,n=N[,prompt=DIST,output=DIST]`` or
+    ``gamma:rate=R,cv=C,n=N[,...]`` with length distributions as in kascade.backends.workload."""
+    from kascade.backends.workload import gamma_workload, load_trace, poisson_workload
+    kind, sep, rest = spec.partition(":")
+    if kind in ("poisson", "gamma") and sep:
+        args: dict[str, str] = {}
+        for item in rest.split(","):
+            k, eq, v = item.partition("=")
+            if not eq:   # a distribution's own comma: lognormal:MEAN,STD
+                if not args:
+                    raise KascadeError(f"--workload {spec!r}: expected NAME=VALUE items, got {item!r}")
+                last = list(args)[-1]
+                args[last] += "," + item
+                continue
+            args[k.strip()] = v.strip()
+        known = {"rate", "n", "prompt", "output"} | ({"cv"} if kind == "gamma" else set())
+        if set(args) - known or "rate" not in args:
+            raise KascadeError(f"--workload {kind}: takes {', '.join(sorted(known))} (rate required), got "
+                               f"{', '.join(sorted(args)) or 'nothing'}")
+        try:
+            rate, n = float(args["rate"]), int(args.get("n", "1000"))
+        except ValueError:
+            raise KascadeError(f"--workload {spec!r}: rate is a number and n an integer") from None
+        prompt, output = args.get("prompt", "lognormal:1024,800"), args.get("output", "lognormal:256,200")
+        if kind == "gamma":
+            cv = args.get("cv", "2")
+            return gamma_workload(rate, float(cv), n, prompt, output, seed), \
+                f"gamma arrivals, {rate:g} req/s, cv {cv}, {n} requests, prompt {prompt}, output {output}"
+        return poisson_workload(rate, n, prompt, output, seed), \
+            f"Poisson arrivals, {rate:g} req/s, {n} requests, prompt {prompt}, output {output}"
+    path = Path(spec)
+    if not path.is_file():
+        raise KascadeError(f"--workload {spec!r} is neither a trace file (JSONL or CSV) nor "
+                           "poisson:rate=R,n=N / gamma:rate=R,cv=C,n=N")
+    reqs = load_trace(path)
+    return reqs, f"trace {path.name}: {len(reqs)} requests"
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Option(..., "--model", help="preset (llama-3-8b, llama-3-70b, mixtral-8x7b, qwen3-30b-a3b) "
+                              "or a config.json"),
+    gpu: str = typer.Option("h200", "--target", help="GPU target"),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs in the cluster"),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node"),
+    workload: str = typer.Option(..., "--workload", help="trace.jsonl | trace.csv | poisson:rate=4,n=2000 | "
+                                 "gamma:rate=4,cv=2,n=2000 (optional prompt=DIST,output=DIST)"),
+    slo_ttft: str = typer.Option("500ms", "--slo-ttft", help="time-to-first-token target"),
+    slo_tpot: str = typer.Option("50ms", "--slo-tpot", help="time-per-output-token target"),
+    percentile: float = typer.Option(0.99, "--percentile", help="fraction of requests that must meet both"),
+    trials: int = typer.Option(60, "--trials", help="plans to evaluate in this run"),
+    sampler: str = typer.Option("nsga2", "--sampler", help="nsga2 (goodput/GPU vs GPUs) | tpe | random"),
+    storage: str = typer.Option(None, "--storage", help="study storage URL (default: the cache dir's SQLite file)"),
+    study: str = typer.Option(None, "--study", help="study name (default: derived from the inputs)"),
+    out_dir: Path = typer.Option(Path("kascade-plan"), "--out", help="folder for plan.json and the report"),
+    seed: int = typer.Option(0, "--seed", help="workload and sampler seed"),
+) -> None:
+    """Search serving plans (parallelism, batching, disaggregation) for a model, cluster, workload and SLOs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kascade.autotune.plan import plan_document, search_plans, write_plan
+    from kascade.backends.cluster import make_cluster
+    from kascade.backends.workload import SLO
+    from kascade.ir.library.models import load_model
+    from kascade.plan_report import write_plan_report
+    try:
+        spec = load_model(model)
+        if gpus < 1 or gpus_per_node < 1:
+            raise KascadeError(f"--gpus and --gpus-per-node must be at least 1, got {gpus}, {gpus_per_node}")
+        per_node = min(gpus, gpus_per_node)
+        if gpus % per_node:
+            raise KascadeError(f"--gpus {gpus} is not a whole number of nodes of {per_node} GPUs")
+        cluster = make_cluster(gpu, per_node, gpus // per_node)
+        slo = SLO(parse_seconds(slo_ttft, "--slo-ttft"), parse_seconds(slo_tpot, "--slo-tpot"), percentile)
+        requests, description = parse_workload(workload, seed)
+        bar = Progress(TextColumn("plans"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+                       TimeElapsedColumn(), console=out, disable=not out.is_terminal)
+        task = bar.add_task("plans", total=trials, best="")
+        best = [0.0]
+
+        def progress(done, total, o) -> None:
+            if o is not None and o.infeasible is None:
+                best[0] = max(best[0], o.goodput_per_gpu)
+            bar.update(task, completed=done, best=f"best {best[0]:.3g} req/s/GPU")
+        with bar:
+            result = search_plans(spec, cluster, requests, slo, trials=trials, storage_url=storage, study_name=study,
+                                  sampler=sampler, seed=seed, progress=progress)
+        if result.best is None:
+            reasons = sorted({o.infeasible for o in result.infeasible})[:5]
+            raise KascadeError(f"no plan of {spec.name} fits {gpus} x {cluster.target.name}: "
+                               + "; ".join(reasons) + " (more GPUs, a larger GPU or a smaller model)")
+        doc = plan_document(result, spec, cluster, slo, {"spec": workload, "description": description,
+                                                         "requests": len(requests)})
+        plan_path = write_plan(doc, out_dir / "plan.json")
+        paths = write_plan_report(result, doc, out_dir)
+    except KascadeError as e:
+        _fail(e)
+    def ms(x: float) -> str:
+        return "-" if x != x else f"{x * 1e3:.1f} ms"
+    if not out.is_terminal:   # logs and pipes: one line per plan, nothing cut
+        for i, o in enumerate(result.outcomes[:8], 1):
+            out.print(f"{i}. {o.plan.label()}: {o.plan.gpus} GPUs, goodput {o.goodput_per_gpu:.3g} req/s/GPU, SLO met "
+                      f"{o.attainment:.1%}, TTFT p99 {ms(o.ttft_p99)}, TPOT p99 {ms(o.tpot_p99)}"
+                      + ("" if o.capacity is None else f", capacity {o.capacity:.3g} req/s"), markup=False)
+        out.print(f"wrote {plan_path}, {paths.markdown}, {paths.html}; study {result.study} in {result.storage}",
+                  markup=False)
+        return
+    table = Table("#", "plan", "GPUs", "goodput/GPU", "SLO met", "TTFT p99", "TPOT p99", "capacity req/s",
+                  title=f"kascade plan {spec.name} on {gpus} x {cluster.target.name}: {len(result.outcomes)} "
+                        f"feasible, {len(result.infeasible)} infeasible, {result.elapsed:.1f} s")
+    table.columns[1].overflow = "fold"
+    for i, o in enumerate(result.outcomes[:8], 1):
+        table.add_row(str(i), o.plan.label(), str(o.plan.gpus), f"{o.goodput_per_gpu:.3g}", f"{o.attainment:.1%}",
+                      ms(o.ttft_p99), ms(o.tpot_p99), "-" if o.capacity is None else f"{o.capacity:.3g}")
+    out.print(table)
+    out.print(f"wrote {plan_path}, {paths.markdown}, {paths.html}; study {result.study} in {result.storage}",
+              markup=False)
+
+
 def main() -> None:
     try:
         app()

@@ -136,7 +136,7 @@ def moe_op(x: Tensor, w1: Tensor, w2: Tensor, router_logits: Tensor | None = Non
 @moe_op.register_fake
 def _moe_fake(x, w1, w2, router_logits=None, topk_weights=None, topk_ids=None, top_k=None, renormalize=True,
               activation="swiglu", backend=None):
-    from kascade.api_moe import check_weights   # shapes, dtypes, devices: what needs no data
+    from kascade.api_moe import check_weights  # shapes, dtypes, devices: what needs no data
     check_weights(x, w1, w2)
     return x.new_empty(x.shape)
 

@@ -10,7 +10,7 @@ is only used if the schedule still finds it feasible for the actual shape.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -103,20 +103,34 @@ def lookup(schedule: Schedule, extents: Mapping[str, int], dtype: str, target: T
         return cfg, f"tuned: {rec.seconds * 1e6:.1f} us measured for bucket {key.bucket} ({rec.source})"
     candidates = [r for r in db.records(schedule=key.schedule, dtype=dtype, target=key.target,
                                         versions=key.versions, measured=True)]
-    for path in sorted(shipped.glob("*.json")) if shipped is not None and shipped.is_dir() else ():
-        try:
-            shipped_recs = read_json(path)
-        except TuningDatabaseError:
-            continue   # a broken shipped file is a miss, not a crash
-        for rec in shipped_recs:
-            if rec.key == key and (cfg := usable(rec)) is not None:
-                return cfg, f"shipped: {rec.seconds * 1e6:.1f} us measured for bucket {key.bucket} ({path.name})"
-            if (rec.key.schedule, rec.key.dtype, rec.key.target, rec.key.versions, rec.key.measured) == \
-                    (key.schedule, dtype, key.target, key.versions, True):
-                candidates.append(rec)
-    want = _parse_bucket(key.bucket)
-    ranked = sorted(candidates, key=lambda r: (_distance(want, _parse_bucket(r.key.bucket)), r.seconds))
-    for rec in ranked:
-        if _distance(want, _parse_bucket(rec.key.bucket)) < math.inf and (cfg := usable(rec)) is not None:
+    for rec, name in shipped_records(shipped):
+        if rec.key == key and (cfg := usable(rec)) is not None:
+            return cfg, f"shipped: {rec.seconds * 1e6:.1f} us measured for bucket {key.bucket} ({name})"
+        if (rec.key.schedule, rec.key.dtype, rec.key.target, rec.key.versions, rec.key.measured) == \
+                (key.schedule, dtype, key.target, key.versions, True):
+            candidates.append(rec)
+    for rec in nearest_records(key.bucket, candidates):
+        if (cfg := usable(rec)) is not None:
             return cfg, f"nearest tuned bucket {rec.key.bucket} (asked {key.bucket})"
     return None
+
+
+def shipped_records(shipped: Path | None = SHIPPED) -> list[tuple[TuningRecord, str]]:
+    """The records shipped with the package (``autotune/configs/*.json``), each with its file's
+    name, in file order; a broken shipped file is skipped (a miss, not a crash)."""
+    out = []
+    for path in sorted(shipped.glob("*.json")) if shipped is not None and shipped.is_dir() else ():
+        try:
+            out.extend((rec, path.name) for rec in read_json(path))
+        except TuningDatabaseError:
+            continue
+    return out
+
+
+def nearest_records(bucket: str, records: Iterable[TuningRecord]) -> list[TuningRecord]:
+    """The records a kernel at ``bucket`` may borrow from: those whose bucket agrees on every
+    entry the kernel is specialised to (``EXACT``), nearest first (log distance over the other
+    entries; the exact bucket itself at distance 0), then fastest."""
+    want = _parse_bucket(bucket)
+    scored = [(_distance(want, _parse_bucket(r.key.bucket)), r.seconds, i, r) for i, r in enumerate(records)]
+    return [r for d, _, _, r in sorted(scored, key=lambda x: x[:3]) if d < math.inf]

@@ -1,0 +1,522 @@
+"""The time of one serving iteration of one model replica, from roofline kernel costs and collectives.
+
+An iteration runs one batch through the model once: some prefill chunks (``(new tokens,
+tokens already in the cache)`` each) and some decode requests (their context lengths, the
+new token included), as iteration-level (continuous) batching does. Its time is the sum of
+the kernels each GPU runs at its SHARDED shapes plus the collectives between GPUs.
+
+Parallelism and placement (``Parallelism``): a replica is ``pp`` pipeline stages of
+``tp * ep`` GPUs, tensor-parallel innermost (adjacent GPUs), then expert-parallel, then the
+stages; ``dp`` replicas are independent copies (the simulator's router spreads requests over
+them). Per stage:
+
+* attention, the dense FFN, shared experts and the LM head are tensor-parallel over ``tp``
+  (Megatron: query heads / ``tp``, KV heads / ``tp`` or replicated when ``tp > kv_heads``,
+  FFN inner size / ``tp``, vocabulary / ``tp``): two all-reduces of ``tokens x hidden`` per layer;
+* with ``ep > 1`` the ``ep`` tensor-parallel groups of a stage each take an equal share of the
+  batch's requests for attention (data-parallel attention, as DeepSeek-V3 and SGLang serve
+  MoE models) and the routed experts are split over them (``experts / ep`` each, each expert's
+  FFN again over ``tp``): tokens go to their experts with an all-to-all (dispatch) and come
+  back with another (combine). Routing is taken as uniform (the cost model's prior).
+* with ``pp > 1`` the batch is cut into ``m = min(pp, sequences)`` micro-batches that follow
+  each other through the stages (vLLM's and TensorRT-LLM's pipeline with iteration-level
+  scheduling); a stage then works ``sum_j t(mb_j)`` per iteration and idles ``(pp - m) *
+  max_j t(mb_j)`` (the bubble when there are fewer micro-batches than stages); activations go
+  point-to-point between stages. Every request advances one token per iteration, so the
+  iteration's time is ``sum_j t(mb_j) + (pp - m) * max_j t(mb_j) + (pp - 1) * p2p``.
+
+Kernel costs come from ``backends/model.py``'s roofline (``Cost`` / ``predict``): GEMMs as
+tensor FLOPs against weight + activation bytes; prefill attention and paged decode attention
+from their cost rules at the best-ranked config of their schedules (memoised per shape
+bucket); MoE from ``backends/moe_cost`` at the best config of ``swiglu_moe_schedule``; norms,
+RoPE, residuals and activations as bytes. A ``kernel_seconds(kind, shape)`` hook (the ``db``
+argument; ``autotune/plan.py`` fills it from measured tuning records) overrides any kernel it
+knows. Kernels are separated by a GPU-side gap (``KERNEL_GAP_S``) rather than a host launch:
+serving engines replay CUDA graphs for decode and keep the launch queue ahead of the GPU for
+prefill.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
+from typing import NamedTuple
+
+from kascade.backends.cluster import Cluster
+from kascade.backends.model import (
+    Cost,
+    Efficiency,
+    Prediction,
+    attention_prefill_cost,
+    paged_decode_cost,
+    predict,
+    rank_configs,
+)
+from kascade.backends.moe_cost import moe_cost
+from kascade.backends.targets import Target
+from kascade.ir.dtypes import bf16
+from kascade.ir.errors import KascadeError
+from kascade.ir.library.models import ModelSpec
+from kascade.passes.schedule import Config, Schedule, attention_prefill_schedule
+from kascade.passes.schedule_decode import paged_decode_schedule
+from kascade.passes.schedule_moe import swiglu_moe_schedule
+
+KernelSeconds = Callable[[str, Mapping[str, int]], "float | None"]
+"""``kernel_seconds(kind, shape)``: a measured time for a kernel at a sharded shape, or None.
+Kinds and shape keys: ``gemm`` {M, N, K}; ``elementwise`` {T, W}; ``attention_prefill`` {B, G, R,
+P, M, E, F} (causal, bottom-right aligned); ``paged_decode`` {B, G, R, E, F, M0, L, KV} (see
+``backends/model.decode_extents``); ``moe`` {T, K, E, D, F} (``backends/moe_cost``)."""
+
+KERNEL_GAP_S = 1.5e-6            # between kernels of a CUDA graph (measured gaps: ~1-2 us)
+GEMM_EFF = Efficiency(tensor=0.85, hbm=0.88)   # cuBLAS GEMMs reach ~85 % of the measured matmul ceiling
+MEMORY_UTILISATION = 0.9          # vLLM's gpu_memory_utilization default: the share the engine may use
+MAX_BATCHED_TOKENS = 8192         # activation workspace is sized for this many tokens in one iteration
+
+# the kernel classes of IterationCost.breakdown and the resource each mostly uses (the bound that a
+# large batch hits; the NanoFlow policy overlaps classes on different resources)
+RESOURCE = {"gemm": "compute", "attention_prefill": "compute", "attention_decode": "memory", "moe": "compute",
+            "elementwise": "memory", "lm_head": "compute", "all_reduce": "network", "all_to_all": "network",
+            "all_gather": "network", "p2p": "network", "pp_bubble": "idle"}
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """Degrees of tensor, pipeline, expert and data parallelism (GPUs = ``tp * pp * ep * dp``)."""
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep", "dp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise KascadeError(f"parallel degree {name} must be a positive integer, got {v!r}")
+
+    @property
+    def replica_gpus(self) -> int:
+        return self.tp * self.pp * self.ep
+
+    @property
+    def gpus(self) -> int:
+        return self.replica_gpus * self.dp
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    """One iteration: ``seconds`` end to end; ``breakdown`` the seconds per kernel class and
+    collective (they add up to ``seconds``); ``flops`` and ``hbm_bytes`` summed over the
+    replica's GPUs (model FLOP utilisation = ``flops / (seconds * peak * replica GPUs)``);
+    ``resources`` the same seconds by the resource that bounds each kernel (``compute``: tensor
+    cores or ALUs; ``memory``: HBM bandwidth, latency or launch gaps; ``network``: collectives;
+    ``idle``: pipeline bubbles), and ``bound`` the one with the most."""
+    seconds: float
+    breakdown: tuple[tuple[str, float], ...]
+    flops: float
+    hbm_bytes: float
+    bound: str = ""
+    resources: tuple[tuple[str, float], ...] = ()
+
+
+class Kernel(NamedTuple):
+    """One kernel's time, its work (a roofline ``Cost``) and the resource that bounds it."""
+    seconds: float
+    cost: Cost
+    resource: str
+
+
+# a Prediction's roof -> the resource the NanoFlow-style overlap reasons about
+_RESOURCE_OF_BOUND = {"tensor": "compute", "flops": "compute", "special": "compute", "hbm": "memory",
+                      "l2": "memory", "latency": "memory", "launch": "memory"}
+
+
+def _dtype(itemsize: int) -> str:
+    return {2: "bf16", 4: "tf32"}.get(itemsize, "bf16")
+
+
+@cache
+def _schedules() -> tuple[Schedule, Schedule, Schedule]:
+    """The library's causal 2-pass prefill attention, paged decode and SwiGLU MoE schedules."""
+    from kascade.ir.library import attention, paged_decode
+    return (attention_prefill_schedule(attention("2pass", causal=True)), paged_decode_schedule(paged_decode()),
+            swiglu_moe_schedule(bf16))
+
+
+def _coarse(x: int, base: int, lo: int = 1, hi: int = 1 << 30) -> int:
+    """``x`` rounded to the nearest power of ``base`` (in log space), clamped to ``[lo, hi]``:
+    the grid on which configs are RANKED (the best config changes slowly with the size)."""
+    return int(min(hi, max(lo, base ** round(math.log(max(1, x), base)))))
+
+
+@cache
+def _best_config(family: int, target: Target, coarse: tuple, itemsize: int) -> Config:
+    schedule = _schedules()[family]
+    ranked = rank_configs(schedule, dict(coarse), target, itemsize)
+    if not ranked:
+        raise KascadeError(f"no feasible {schedule.kernels[0].family} config for {dict(coarse)}")
+    return ranked[0][1]
+
+
+def _gemm_prediction(target: Target, t: int, n: int, k: int, itemsize: int) -> Prediction:
+    cost = Cost(tensor_flops=2.0 * t * n * k, hbm_bytes=float((n * k + t * (n + k)) * itemsize), launches=1)
+    return predict(cost, target, _dtype(itemsize), GEMM_EFF)
+
+
+@lru_cache(maxsize=1 << 16)
+def _prefill_prediction(target: Target, ext: tuple, itemsize: int) -> Prediction:
+    """The fused prefill kernel at the config ranked best for the nearest power-of-two chunk
+    (queries capped at 2048: beyond that the tile choice no longer changes)."""
+    x = dict(ext)
+    p = _coarse(x["P"], 2, 16, 2048)
+    cfg = _best_config(0, target, tuple(sorted({**x, "P": p, "M": p}.items())), itemsize)
+    return predict(attention_prefill_cost(_schedules()[0], cfg, x, target, itemsize), target, _dtype(itemsize))
+
+
+@lru_cache(maxsize=1 << 16)
+def _decode_prediction(target: Target, ext: tuple, itemsize: int) -> Prediction:
+    """Paged decode at the config ranked best for the nearest power-of-four batch and length."""
+    x = dict(ext)
+    b, L = _coarse(x["B"], 4, 1, 256), _coarse(x["L"], 4, 256, 65536)
+    cfg = _best_config(1, target, tuple(sorted({**x, "B": b, "L": L, "KV": b * L}.items())), itemsize)
+    return predict(paged_decode_cost(_schedules()[1], cfg, x, target, itemsize), target, _dtype(itemsize))
+
+
+@lru_cache(maxsize=1 << 16)
+def _moe_prediction(target: Target, shape: tuple, itemsize: int) -> Prediction:
+    """The grouped MoE kernels at the config ranked best for the nearest power-of-eight token count."""
+    x = dict(shape)
+    cfg = _best_config(2, target, tuple(sorted({**x, "T": _coarse(x["T"], 8)}.items())), itemsize)
+    return predict(moe_cost(_schedules()[2], cfg, x, target, itemsize), target, _dtype(itemsize))
+
+
+def _bucket(x: int) -> int:
+    """Rounds up to a grid of 16 steps per octave above 32 (<= 4.4 % high): kernel costs are
+    memoised per bucket, so a simulator's millions of calls hit a few thousand shapes."""
+    if x <= 32:
+        return int(x)
+    step = 2 ** (math.floor(math.log2(x)) - 4)
+    return int(math.ceil(x / step) * step)
+
+
+class IterationModel:
+    """Per-iteration time of one replica of ``model`` under ``par`` on ``cluster``."""
+
+    def __init__(self, model: ModelSpec, cluster: Cluster, par: Parallelism, *,
+                 db: KernelSeconds | None = None, block_size: int = 16):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise KascadeError(f"block_size must be a positive integer, got {block_size!r}")
+        self.model, self.cluster, self.par, self.db, self.block_size = model, cluster, par, db, block_size
+        self.target = replace(cluster.target, launch_overhead_s=KERNEL_GAP_S)
+        m, tp = model, par.tp
+        self.heads = m.heads // tp if m.heads % tp == 0 else 0
+        self.kv_heads = max(1, m.kv_heads // tp)
+        self.stage_layers = math.ceil(m.layers / par.pp)
+        self.ffn = m.intermediate // tp if not m.is_moe else 0
+        self.local_experts = m.experts // par.ep if m.is_moe else 0
+        self.expert_ffn = m.expert_intermediate // tp if m.is_moe else 0
+        self.shared_ffn = m.shared_experts * m.expert_intermediate // tp if m.is_moe else 0
+        self._memo: dict = {}
+        self._unsharded = self._unshardable()
+        # placement: tp innermost, then ep, then pp
+        self.tp_spans = cluster.spans_nodes(1, par.tp)
+        self.ep_spans = cluster.spans_nodes(par.tp, par.ep)
+        self.pp_spans = par.pp > 1 and par.tp * par.ep * par.pp > cluster.gpus_per_node
+
+    def sharded_shapes(self) -> dict[str, int]:
+        """What one GPU of the replica holds of each layer: the shapes its kernels run at (what
+        ``kascade tune`` should tune for this plan)."""
+        m = self.model
+        return {"heads": self.heads, "kv_heads": self.kv_heads, "head_dim": m.head_dim, "hidden": m.hidden,
+                "ffn": self.ffn, "experts": self.local_experts, "experts_per_token": m.experts_per_token,
+                "expert_ffn": self.expert_ffn, "shared_ffn": self.shared_ffn, "layers": self.stage_layers,
+                "vocab": m.vocab // self.par.tp, "block_size": self.block_size}
+
+    # ---- memory ------------------------------------------------------------------------------
+    def weight_bytes_per_gpu(self) -> int:
+        """Weights one GPU of the replica holds: its stage's layers at sharded shapes plus the
+        embedding and LM head (vocabulary-parallel over ``tp``; with ``pp > 1`` the first stage
+        holds the embedding and the last the head, the larger of the two counted)."""
+        m, b = self.model, self.model.dtype_bytes
+        q, kv = (m.heads // self.par.tp or 1) * m.head_dim, self.kv_heads * m.head_dim
+        attn = m.hidden * (2 * q + 2 * kv)
+        if m.is_moe:
+            ffn = (m.hidden * m.experts + (self.local_experts * m.expert_intermediate // self.par.tp
+                                           + self.shared_ffn) * 3 * m.hidden)
+        else:
+            ffn = 3 * m.hidden * (m.intermediate // self.par.tp)
+        layer = attn + ffn + 2 * m.hidden
+        table = m.vocab * m.hidden // self.par.tp
+        ends = table * (1 if m.tied_embeddings else 2) if self.par.pp == 1 else table
+        return (self.stage_layers * layer + ends + m.hidden) * b
+
+    def kv_bytes_per_token_per_gpu(self) -> int:
+        m = self.model
+        return 2 * self.stage_layers * self.kv_heads * m.head_dim * m.dtype_bytes
+
+    def activation_bytes_per_gpu(self) -> int:
+        """Peak activation workspace of a ``MAX_BATCHED_TOKENS`` iteration (vLLM profiles the same):
+        the widest per-token intermediates in fp32-safe margins, plus fp32 logits of 256 sequences."""
+        m = self.model
+        q = (m.heads // self.par.tp or 1) * m.head_dim
+        widest = max(self.ffn, self.expert_ffn * m.experts_per_token, self.shared_ffn) * 2
+        per_token = (4 * m.hidden + q + 2 * self.kv_heads * m.head_dim + widest) * m.dtype_bytes
+        logits = 256 * (m.vocab // self.par.tp) * 4
+        return MAX_BATCHED_TOKENS * per_token + logits
+
+    def free_bytes_per_gpu(self) -> float:
+        return (self.target.hbm_bytes * MEMORY_UTILISATION - self.weight_bytes_per_gpu()
+                - self.activation_bytes_per_gpu())
+
+    def kv_capacity_tokens(self) -> int:
+        """Tokens of KV cache one replica holds: each of the ``ep`` attention groups stores its own
+        requests' KV, sharded over its ``tp * pp`` GPUs; whole blocks of ``block_size`` only."""
+        per_gpu = max(0.0, self.free_bytes_per_gpu()) // self.kv_bytes_per_token_per_gpu()
+        return int(per_gpu // self.block_size * self.block_size) * self.par.ep
+
+    def infeasible(self) -> str | None:
+        """Why this plan cannot run (``None`` when it can): more GPUs than the cluster has, degrees
+        that do not divide the heads / FFN / experts, weights and activations that do not fit."""
+        p, c = self.par, self.cluster
+        if p.gpus > c.gpus:
+            return (f"the plan needs {p.gpus} GPUs (tp {p.tp} x pp {p.pp} x ep {p.ep} x dp {p.dp}); the cluster "
+                    f"has {c.gpus}")
+        return self._unshardable() or self._does_not_fit()
+
+    def _unshardable(self) -> str | None:
+        m, p = self.model, self.par
+        if m.heads % p.tp:
+            return f"tp={p.tp} does not divide the {m.heads} attention heads"
+        if p.tp > m.kv_heads and p.tp % m.kv_heads or p.tp <= m.kv_heads and m.kv_heads % p.tp:
+            return (f"tp={p.tp} neither divides the {m.kv_heads} KV heads nor is a multiple of them "
+                    f"(to replicate them)")
+        if not m.is_moe and m.intermediate % p.tp:
+            return f"tp={p.tp} does not divide the FFN size {m.intermediate}"
+        if m.is_moe and m.expert_intermediate % p.tp:
+            return f"tp={p.tp} does not divide the expert FFN size {m.expert_intermediate}"
+        if p.ep > 1 and not m.is_moe:
+            return f"ep={p.ep} needs a mixture-of-experts model; {m.name} is dense"
+        if m.is_moe and m.experts % p.ep:
+            return f"ep={p.ep} does not divide the {m.experts} experts"
+        if p.pp > m.layers:
+            return f"pp={p.pp} is more stages than the {m.layers} layers"
+        return None
+
+    def _does_not_fit(self) -> str | None:
+        gib = 2 ** 30
+        usable = self.target.hbm_bytes * MEMORY_UTILISATION
+        weights = self.weight_bytes_per_gpu()
+        if weights + self.activation_bytes_per_gpu() >= usable:
+            return (f"weights do not fit: {weights / gib:.1f} GiB per GPU plus "
+                    f"{self.activation_bytes_per_gpu() / gib:.1f} GiB of activations, but "
+                    f"{self.target.name} offers {usable / gib:.1f} GiB ({MEMORY_UTILISATION:.0%} of its memory)")
+        if self.kv_capacity_tokens() < self.block_size:
+            return f"no memory left for even one KV block of {self.block_size} tokens"
+        return None
+
+    def kv_transfer_seconds(self, tokens: int) -> float:
+        """Moving ``tokens`` tokens of KV cache from a prefill replica to a decode replica with the
+        same sharding: every GPU sends its shard at once, point to point (over the inter-node link
+        when the cluster has several nodes: the instances are then taken to be on different ones)."""
+        if tokens <= 0:
+            return 0.0
+        return self.cluster.collective_seconds("p2p", tokens * self.kv_bytes_per_token_per_gpu(), 2,
+                                               self.cluster.nodes > 1)
+
+    # ---- kernels -----------------------------------------------------------------------------
+    def _kernel(self, key: tuple, kind: str, shape: dict[str, int], model: Callable[[], Prediction]) -> Kernel:
+        """A kernel's time from the ``kernel_seconds`` hook when it has a record for ``shape``,
+        else from the roofline ``model`` (memoised per ``key``, a shape bucket)."""
+        hit = self._memo.get(key)
+        if hit is None:
+            pred = model()
+            measured = self.db(kind, shape) if self.db is not None else None
+            sec = pred.seconds if measured is None else float(measured)
+            hit = self._memo[key] = Kernel(sec, pred.cost, _RESOURCE_OF_BOUND.get(pred.bound, "memory"))
+        return hit
+
+    def _gemm(self, tokens: int, n: int, k: int) -> Kernel:
+        """``tokens x k`` activations times a ``k x n`` weight."""
+        t = _bucket(tokens)
+        return self._kernel(("gemm", t, n, k), "gemm", {"M": t, "N": n, "K": k},
+                            lambda: _gemm_prediction(self.target, t, n, k, self.model.dtype_bytes))
+
+    def _elementwise(self, tokens: int, width: int) -> Kernel:
+        """Streaming kernels over ``tokens x width`` elements, each read and written once."""
+        t = _bucket(tokens)
+        b = self.model.dtype_bytes
+        # four launches: the two norms (residual adds fused in, as vLLM does), RoPE, the activation
+        cost = Cost(hbm_bytes=2.0 * t * width * b, flops=4.0 * t * width, launches=4)
+        return self._kernel(("elementwise", t, width), "elementwise", {"T": t, "W": width},
+                            lambda: predict(cost, self.target))
+
+    def _prefill_attention(self, new: int, cached: int) -> Kernel:
+        """One chunk of ``new`` queries over ``cached + new`` keys (causal, bottom-right aligned),
+        all of this GPU's heads."""
+        P, C = _bucket(new), _bucket(cached) if cached else 0
+        ext = {"B": 1, "G": self.kv_heads, "R": self.heads // self.kv_heads if self.heads >= self.kv_heads else 1,
+               "P": P, "M": P + C, "E": self.model.head_dim, "F": self.model.head_dim}
+        return self._kernel(("prefill", P, C), "attention_prefill", ext,
+                            lambda: _prefill_prediction(self.target, tuple(sorted(ext.items())),
+                                                        self.model.dtype_bytes))
+
+    def _decode_attention(self, contexts: Sequence[int]) -> Kernel:
+        """Paged decode of ``len(contexts)`` sequences (split-KV partials and merge)."""
+        B, L, KV = _bucket(len(contexts)), _bucket(max(contexts)), _bucket(sum(contexts))
+        ext = {"B": B, "G": self.kv_heads, "R": self.heads // self.kv_heads if self.heads >= self.kv_heads else 1,
+               "E": self.model.head_dim, "F": self.model.head_dim, "M0": self.block_size, "L": L,
+               "KV": min(KV, B * L)}
+        return self._kernel(("decode", B, L, ext["KV"]), "paged_decode", ext,
+                            lambda: _decode_prediction(self.target, tuple(sorted(ext.items())),
+                                                       self.model.dtype_bytes))
+
+    def _moe(self, tokens: int) -> Kernel:
+        """The routed experts one GPU runs for a micro-batch of ``tokens`` tokens (every attention
+        group's): with ``ep = 1`` all ``experts`` for ``tokens`` tokens picking ``k`` each; with
+        ``ep > 1`` its ``experts / ep`` experts for the ``tokens * k / ep`` (token, expert) pairs that
+        uniform routing sends it, each pair a row of its own (``K = 1``)."""
+        m, ep = self.model, self.par.ep
+        t = _bucket(tokens)
+        if ep == 1:
+            shape = {"T": t, "K": m.experts_per_token, "E": m.experts}
+        else:
+            shape = {"T": math.ceil(t * m.experts_per_token / ep), "K": 1, "E": self.local_experts}
+        shape |= {"D": m.hidden, "F": self.expert_ffn}
+        return self._kernel(("moe", t), "moe", shape,
+                            lambda: _moe_prediction(self.target, tuple(sorted(shape.items())),
+                                                    self.model.dtype_bytes))
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def iteration(self, prefill: Sequence[tuple[int, int]], decode: Sequence[int]) -> IterationCost:
+        """One iteration of ONE replica: ``prefill`` chunks as ``(new tokens, tokens already in the
+        cache)``, ``decode`` requests as their context lengths (the keys the new token attends to,
+        itself included)."""
+        if self._unsharded is not None:
+            raise KascadeError(f"cannot time an iteration of {self.model.name} under {self.par}: {self._unsharded}")
+        chunks = [(int(n), int(c)) for n, c in prefill if n > 0]
+        contexts = [max(1, int(c)) for c in decode]
+        seqs = len(chunks) + len(contexts)
+        if seqs == 0:
+            return IterationCost(0.0, (), 0.0, 0.0, "idle", ())
+        pp = self.par.pp
+        mbs = min(pp, seqs)
+        parts = [self._stage(chunks[j::mbs], contexts[j::mbs]) for j in range(mbs)]
+        time: dict[str, float] = {}
+        resources: dict[str, float] = {}
+        flops = hbm = 0.0
+        for part in parts:
+            _add(time, part.time)
+            _add(resources, part.resources)
+            flops += part.layer_flops * pp + part.head_flops
+            hbm += part.layer_hbm * pp + part.head_hbm
+        if pp > 1:
+            slowest = max(sum(part.time.values()) for part in parts)
+            bubble = (pp - mbs) * slowest
+            p2p = (pp - 1) * max(self.cluster.collective_seconds(
+                "p2p", part.tokens * self.model.hidden * self.model.dtype_bytes, 2, self.pp_spans) for part in parts)
+            _add(time, {"pp_bubble": bubble, "p2p": p2p})
+            _add(resources, {"idle": bubble, "network": p2p})
+        breakdown = tuple(sorted((k, v) for k, v in time.items() if v > 0))
+        res = tuple(sorted((k, v) for k, v in resources.items() if v > 0))
+        seconds = sum(v for _, v in breakdown)
+        bound = max(res, key=lambda kv: kv[1])[0] if res else "idle"
+        return IterationCost(seconds, breakdown, flops, hbm, bound, res)
+
+    def _stage(self, chunks: list[tuple[int, int]], contexts: list[int]) -> _Part:
+        """One micro-batch through one stage (the last, which also runs the LM head). The ``ep``
+        attention groups work in parallel on their shares of the requests; the slowest sets the
+        pace up to the experts' all-to-all; then every GPU runs its experts on all groups' tokens."""
+        m, par, L = self.model, self.par, self.stage_layers
+        groups = [self._group(chunks[i::par.ep], contexts[i::par.ep]) for i in range(par.ep)]
+        lead = max(groups, key=lambda g: sum(g.time.values()))
+        part = _Part(dict(lead.time), dict(lead.resources), 0.0, 0.0, 0.0, 0.0, sum(g.tokens for g in groups))
+        for g in groups:   # work summed over the replica's GPUs: tp of them per group
+            part.layer_flops += g.layer_flops * par.tp
+            part.layer_hbm += g.layer_hbm * par.tp
+            part.head_flops += g.head_flops * par.tp
+            part.head_hbm += g.head_hbm * par.tp
+        if m.is_moe and part.tokens:
+            k = self._moe(part.tokens)
+            _add(part.time, {"moe": L * k.seconds})
+            _add(part.resources, {k.resource: L * k.seconds})
+            part.layer_flops += L * (k.cost.tensor_flops + k.cost.flops) * par.tp * par.ep
+            part.layer_hbm += L * k.cost.hbm_bytes * par.tp * par.ep
+            if par.ep > 1:
+                # dispatch and combine: each GPU of the slowest group sends its 1/tp of the group's
+                # tokens, each to k experts, mostly on other groups
+                per_gpu = lead.tokens * m.experts_per_token * m.hidden * m.dtype_bytes / par.tp
+                a2a = 2 * L * self.cluster.collective_seconds("all_to_all", per_gpu, par.ep, self.ep_spans)
+                _add(part.time, {"all_to_all": a2a})
+                _add(part.resources, {"network": a2a})
+        return part
+
+    def _group(self, chunks: list[tuple[int, int]], contexts: list[int]) -> _Part:
+        """One attention group's share of a micro-batch, as one of its ``tp`` GPUs sees it: the
+        stage's layers (without the routed experts) and the LM head."""
+        m, par, L = self.model, self.par, self.stage_layers
+        tokens = sum(n for n, _ in chunks) + len(contexts)
+        part = _Part({}, {}, 0.0, 0.0, 0.0, 0.0, tokens)
+        if tokens == 0:
+            return part
+        q, kv = self.heads * m.head_dim, self.kv_heads * m.head_dim
+
+        def run(kind: str, k: Kernel, times: int = L, head: bool = False) -> None:
+            _add(part.time, {kind: k.seconds * times})
+            _add(part.resources, {k.resource: k.seconds * times})
+            flops, hbm = (k.cost.tensor_flops + k.cost.flops) * times, k.cost.hbm_bytes * times
+            if head:
+                part.head_flops += flops
+                part.head_hbm += hbm
+            else:
+                part.layer_flops += flops
+                part.layer_hbm += hbm
+
+        run("gemm", self._gemm(tokens, q + 2 * kv, m.hidden))           # QKV projection
+        run("gemm", self._gemm(tokens, m.hidden, q))                    # O projection
+        if m.is_moe:
+            run("gemm", self._gemm(tokens, m.experts, m.hidden))        # router
+            if self.shared_ffn:
+                run("gemm", self._gemm(tokens, 2 * self.shared_ffn, m.hidden))
+                run("gemm", self._gemm(tokens, m.hidden, self.shared_ffn))
+        else:
+            run("gemm", self._gemm(tokens, 2 * self.ffn, m.hidden))     # gate and up
+            run("gemm", self._gemm(tokens, m.hidden, self.ffn))         # down
+        for n, c in chunks:
+            run("attention_prefill", self._prefill_attention(n, c))
+        if contexts:
+            run("attention_decode", self._decode_attention(contexts))
+        # two RMSNorms, RoPE on q and k, two residual adds, the SwiGLU activation
+        width = 2 * m.hidden + q + kv + 2 * m.hidden + max(self.ffn, self.shared_ffn)
+        run("elementwise", self._elementwise(tokens, width))
+        if par.tp > 1:
+            ar = 2 * L * self.cluster.collective_seconds("all_reduce", tokens * m.hidden * m.dtype_bytes, par.tp,
+                                                         self.tp_spans)
+            _add(part.time, {"all_reduce": ar})
+            _add(part.resources, {"network": ar})
+        # the LM head on the last token of each sequence, vocabulary-parallel, then its logits gathered
+        logits = len(chunks) + len(contexts)
+        run("lm_head", self._gemm(logits, m.vocab // par.tp, m.hidden), times=1, head=True)
+        if par.tp > 1:
+            ag = self.cluster.collective_seconds("all_gather", logits * m.vocab * 4, par.tp, self.tp_spans)
+            _add(part.time, {"all_gather": ag})
+            _add(part.resources, {"network": ag})
+        return part
+
+
+@dataclass
+class _Part:
+    """A micro-batch's (or one attention group's) time per kernel class and per resource on the
+    GPU that sets the pace, and its work summed over GPUs (layers of one stage; the LM head)."""
+    time: dict[str, float]
+    resources: dict[str, float]
+    layer_flops: float
+    layer_hbm: float
+    head_flops: float
+    head_hbm: float
+    tokens: int
+
+
+def _add(into: dict[str, float], more: Mapping[str, float]) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0.0) + v
