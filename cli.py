@@ -418,10 +418,73 @@ def _us(seconds: float | None) -> str:
     return "-" if seconds is None or seconds != seconds or seconds == float("inf") else f"{seconds * 1e6:,.1f} us"
 
 
+def _tune_from_plan(what: str | None, plan_path: Path | None, gpu: str | None, dtype: str | None, trials: int,
+                    timeout: float | None, storage: str | None, sampler: str, study: str | None, workers: int,
+                    seed: int, backend: str, shape_options: list[str]) -> None:
+    """``kascade tune --from-plan``: every kernel shape of a plan file, one line per shape."""
+    import time
+
+    from kascade.autotune.plan import read_plan
+    from kascade.autotune.plan_kernels import plan_kernel_shapes
+    from kascade.autotune.search import tune
+    from kascade.backends.targets import get_target
+    lines = []
+    try:
+        if plan_path is None:
+            raise KascadeError("kascade tune needs WHAT (attention | decode | moe | a library cascade | a file) or "
+                               "--from-plan plan.json")
+        if what is not None:
+            raise KascadeError(f"--from-plan tunes the plan's own kernels; drop {what!r} (or drop --from-plan)")
+        if shape_options:
+            raise KascadeError(f"--from-plan takes its shapes from the plan; {', '.join(shape_options)} do not apply")
+        if dtype not in (None, "bf16"):
+            raise KascadeError(f"--from-plan tunes at bf16, the dtype the serving simulator times; got --dtype {dtype}")
+        doc = read_plan(plan_path)
+        target = get_target(gpu or doc["cluster"]["target"])
+        shapes = plan_kernel_shapes(doc)
+        be, note = _backend_for(backend, target)
+        if note:
+            err.print(note, soft_wrap=True, markup=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        kind = "measured" if be == "gpu" else "predicted (model)"
+        storage_shown = "-"
+        for family in dict.fromkeys(s.family for s in shapes):
+            group = [s for s in shapes if s.family == family]
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                lines += [f"{s.label}: not started (timeout)" for s in group]
+                continue
+            result = tune(group[0].schedule, [dict(s.extents) for s in group], target, backend=be, trials=trials,
+                          timeout=left, storage_url=storage, sampler=sampler, seed=seed, workers=workers,
+                          study_name=None if study is None else f"{study}:{family}")
+            done = {r.bucket: r for r in result.shapes}
+            for s in group:
+                r = done.get(s.bucket)
+                if r is None:
+                    lines.append(f"{s.label}: not started (timeout)")
+                    continue
+                lines.append(f"{s.label}: {r.bucket}: {r.config.key() if r.config else 'no config completed'} "
+                             f"{_us(r.seconds)}; {kind}; trials {r.trials} this run; "
+                             f"{'stored' if r.stored else 'not stored (a faster record is kept)'}")
+            storage_shown = result.storage
+    except KascadeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished records are stored; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    for line in lines:
+        out.print(line, markup=False)
+    out.print(f"plan {plan_path}: {len(shapes)} kernel shapes on {target.name}; records: {storage_shown}; "
+              "re-evaluate with `kascade plan --evaluate " f"{plan_path}`", markup=False)
+
+
 @app.command("tune")
 def tune_cmd(
-    what: str = typer.Argument(..., help="attention | decode | moe | a library cascade | a file of cascade text"),
-    gpu: str = typer.Option("h200", "--target", help="GPU target (kascade targets)"),
+    what: str = typer.Argument(None, help="attention | decode | moe | a library cascade | a file of cascade text "
+                               "(omitted with --from-plan)"),
+    from_plan: Path = typer.Option(None, "--from-plan", help="plan.json of `kascade plan`: tune the sharded prefill, "
+                                   "decode and MoE kernels its best plan runs (shape options do not apply)"),
+    gpu: str = typer.Option(None, "--target", help="GPU target (kascade targets; default h200, or the plan's)"),
     batch: int = typer.Option(4, "--batch", help="sequences (library attention)"),
     heads: int = typer.Option(32, "--heads", help="query heads (library attention)"),
     kv_heads: int = typer.Option(None, "--kv-heads", help="KV heads (default: --heads)"),
@@ -451,13 +514,23 @@ def tune_cmd(
     seed: int = typer.Option(0, "--seed", help="sampler seed"),
     backend: str = typer.Option("auto", "--backend", help="auto (the GPU when it is the target) | gpu | model"),
 ) -> None:
-    """Autotune a kernel for a GPU target; records go to the tuning database (resumable)."""
+    """Autotune a kernel for a GPU target; records go to the tuning database (resumable).
+
+    `kascade tune --from-plan plan.json` tunes every kernel shape of a plan instead (one line per
+    shape); `kascade plan --evaluate plan.json` then re-evaluates the plan with the tuned kernels."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kascade.autotune.search import tune
     from kascade.backends.targets import get_target
+    if from_plan is not None or what is None:
+        shape_options = {"--seq": seq, "--seq-k": seq_k, "--kv-heads": kv_heads, "--tokens": tokens,
+                         "--experts": experts, "--top-k": top_k, "--hidden": hidden, "--ffn": ffn, "--causal": causal,
+                         "--window": window, "--softcap": softcap, "--extent": extent, "--param": param}
+        _tune_from_plan(what, from_plan, gpu, dtype, trials, timeout, storage, sampler, study, workers, seed, backend,
+                        [k for k, v in shape_options.items() if v not in (None, False, [])])
+        return
     try:
-        target = get_target(gpu)
+        target = get_target(gpu or "h200")
         schedule, library_ranks, sides = _tune_schedule(what, dtype, causal, window, softcap)
         shapes = _tune_shapes(schedule, library_ranks, batch, heads, kv_heads, seq, seq_k, head_dim,
                               parse_extents(extent), page_size,
@@ -781,13 +854,14 @@ def parse_workload(spec: str, seed: int):
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option(..., "--model", help="preset (llama-3-8b, llama-3-70b, mixtral-8x7b, qwen3-30b-a3b) "
-                              "or a config.json"),
+    model: str = typer.Option(None, "--model", help="preset (llama-3-8b, llama-3-70b, mixtral-8x7b, qwen3-30b-a3b) "
+                              "or a config.json (required unless --evaluate)"),
     gpu: str = typer.Option("h200", "--target", help="GPU target"),
     gpus: int = typer.Option(8, "--gpus", help="GPUs in the cluster"),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node"),
-    workload: str = typer.Option(..., "--workload", help="trace.jsonl | trace.csv | poisson:rate=4,n=2000 | "
-                                 "gamma:rate=4,cv=2,n=2000 (optional prompt=DIST,output=DIST)"),
+    workload: str = typer.Option(None, "--workload", help="trace.jsonl | trace.csv | poisson:rate=4,n=2000 | "
+                                 "gamma:rate=4,cv=2,n=2000 (optional prompt=DIST,output=DIST); required unless "
+                                 "--evaluate (default there: the plan file's)"),
     slo_ttft: str = typer.Option("500ms", "--slo-ttft", help="time-to-first-token target"),
     slo_tpot: str = typer.Option("50ms", "--slo-tpot", help="time-per-output-token target"),
     percentile: float = typer.Option(0.99, "--percentile", help="fraction of requests that must meet both"),
@@ -797,16 +871,32 @@ def plan_cmd(
     study: str = typer.Option(None, "--study", help="study name (default: derived from the inputs)"),
     out_dir: Path = typer.Option(Path("kascade-plan"), "--out", help="folder for plan.json and the report"),
     seed: int = typer.Option(0, "--seed", help="workload and sampler seed"),
+    reuse_tuned: bool = typer.Option(True, "--reuse-tuned/--no-reuse-tuned", help="time kernels from the MEASURED "
+                                     "tuning records in --storage where one exists for the sharded shape (`kascade "
+                                     "tune --from-plan`), else the cost model; without measured records this changes "
+                                     "nothing"),
+    evaluate: Path = typer.Option(None, "--evaluate", help="re-evaluate a written plan.json's top plans with the "
+                                  "tuned kernels: goodput before (cost model) and after; no search"),
 ) -> None:
-    """Search serving plans (parallelism, batching, disaggregation) for a model, cluster, workload and SLOs."""
+    """Search serving plans (parallelism, batching, disaggregation) for a model, cluster, workload and SLOs.
+
+    Kernel tuning and plan search inform each other: `kascade tune --from-plan plan.json` tunes the
+    plan's sharded kernels; `kascade plan --evaluate plan.json` re-simulates it with them, and a
+    new search uses them (--reuse-tuned, the default)."""
+    if evaluate is not None:
+        _evaluate_plan(evaluate, workload, storage, seed, reuse_tuned, model)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kascade.autotune.plan import plan_document, search_plans, write_plan
+    from kascade.autotune.plan_kernels import tuned_kernel_seconds, workload_lengths
     from kascade.backends.cluster import make_cluster
     from kascade.backends.workload import SLO
     from kascade.ir.library.models import load_model
     from kascade.plan_report import write_plan_report
     try:
+        if model is None or workload is None:
+            raise KascadeError("kascade plan needs --model and --workload (or --evaluate plan.json)")
         spec = load_model(model)
         if gpus < 1 or gpus_per_node < 1:
             raise KascadeError(f"--gpus and --gpus-per-node must be at least 1, got {gpus}, {gpus_per_node}")
@@ -816,6 +906,10 @@ def plan_cmd(
         cluster = make_cluster(gpu, per_node, gpus // per_node)
         slo = SLO(parse_seconds(slo_ttft, "--slo-ttft"), parse_seconds(slo_tpot, "--slo-tpot"), percentile)
         requests, description = parse_workload(workload, seed)
+        tuned = tuned_kernel_seconds(storage, cluster.target) if reuse_tuned else None
+        if tuned is not None and len(tuned):
+            err.print(f"timing kernels from {len(tuned)} measured tuning record(s) where they transfer "
+                      "(--no-reuse-tuned: the cost model alone)", soft_wrap=True, markup=False)
         bar = Progress(TextColumn("plans"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                        TimeElapsedColumn(), console=out, disable=not out.is_terminal)
         task = bar.add_task("plans", total=trials, best="")
@@ -827,13 +921,17 @@ def plan_cmd(
             bar.update(task, completed=done, best=f"best {best[0]:.3g} req/s/GPU")
         with bar:
             result = search_plans(spec, cluster, requests, slo, trials=trials, storage_url=storage, study_name=study,
-                                  sampler=sampler, seed=seed, progress=progress)
+                                  sampler=sampler, seed=seed, progress=progress, kernel_seconds=tuned)
         if result.best is None:
             reasons = sorted({o.infeasible for o in result.infeasible})[:5]
             raise KascadeError(f"no plan of {spec.name} fits {gpus} x {cluster.target.name}: "
                                + "; ".join(reasons) + " (more GPUs, a larger GPU or a smaller model)")
         doc = plan_document(result, spec, cluster, slo, {"spec": workload, "description": description,
-                                                         "requests": len(requests)})
+                                                         "requests": len(requests), "seed": seed,
+                                                         **workload_lengths(requests)})
+        if tuned is not None:
+            doc["kernels"] = {"measured_records": len(tuned), "fingerprint": tuned.fingerprint,
+                              "tuned_shapes": dict(tuned.hits)}
         plan_path = write_plan(doc, out_dir / "plan.json")
         paths = write_plan_report(result, doc, out_dir)
     except KascadeError as e:
@@ -858,6 +956,46 @@ def plan_cmd(
     out.print(table)
     out.print(f"wrote {plan_path}, {paths.markdown}, {paths.html}; study {result.study} in {result.storage}",
               markup=False)
+
+
+def _evaluate_plan(path: Path, workload: str | None, storage: str | None, seed: int, reuse_tuned: bool,
+                   model: str | None) -> None:
+    """``kascade plan --evaluate plan.json``: the plan file's top plans simulated with the cost model
+    alone and with the tuned kernels, side by side."""
+    from kascade.autotune.plan import Plan, read_plan
+    from kascade.autotune.plan_kernels import plan_context, reevaluate, tuned_kernel_seconds
+    try:
+        if model is not None:
+            raise KascadeError("--evaluate takes the model from the plan file; drop --model")
+        if not reuse_tuned:
+            raise KascadeError("--evaluate compares the cost model with the tuned kernels; drop --no-reuse-tuned")
+        doc = read_plan(path)
+        _, _, cluster, _ = plan_context(doc)
+        w = doc.get("workload") or {}
+        spec = workload or w.get("spec")
+        if not spec:
+            raise KascadeError(f"{path} does not say its workload; pass --workload")
+        requests, description = parse_workload(spec, int(w.get("seed", seed)) if workload is None else seed)
+        tuned = tuned_kernel_seconds(storage, cluster.target)
+        rows = reevaluate(doc, requests, tuned)
+    except KascadeError as e:
+        _fail(e)
+    hits = ", ".join(f"{k} {v}" for k, v in sorted(tuned.hits.items())) or "none"
+    out.print(f"re-evaluated {len(rows)} plan(s) of {path} on {description}: {len(tuned)} measured kernel "
+              f"record(s) for {cluster.target.name}; kernel shapes timed from them: {hits}", markup=False)
+    if not len(tuned):
+        out.print("no measured records: before and after are both the cost model (run `kascade tune --from-plan "
+                  f"{path}` on a {cluster.target.name})", markup=False)
+
+    def line(o) -> str:
+        if o.infeasible:
+            return f"infeasible ({o.infeasible})"
+        return (f"goodput {o.goodput_per_gpu:.3g} req/s/GPU, SLO met {o.attainment:.1%}, TTFT p99 "
+                f"{o.ttft_p99 * 1e3:.1f} ms, TPOT p99 {o.tpot_p99 * 1e3:.1f} ms")
+    best = doc["best"]["plan"]
+    for i, r in enumerate(rows, 1):
+        mark = " (the file's best)" if r.plan == Plan(**best) else ""
+        out.print(f"{i}. {r.plan.label()}{mark}: before {line(r.before)}; after {line(r.after)}", markup=False)
 
 
 def main() -> None:
