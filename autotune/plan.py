@@ -376,15 +376,19 @@ def search_plans(model: ModelSpec, cluster: Cluster, requests: Sequence[Request]
             feasible[plan] = Outcome(plan, None, trial=t.number, **{
                 k: (math.nan if v is None else v) for k, v in m.items() if k in Outcome.__dataclass_fields__
                 and k not in ("plan", "result")})
-    ranked = sorted(feasible.values(), key=lambda o: (-o.goodput_per_gpu, o.plan.gpus, -o.throughput / o.plan.gpus,
-                                                      o.plan.label()))
+    # plans that meet the SLO at its percentile come first: a plan that serves more requests in
+    # time per GPU but misses the p99 target is not a candidate a user would deploy
+    ranked = sorted(feasible.values(), key=lambda o: (o.attainment < slo.percentile, -o.goodput_per_gpu, o.plan.gpus,
+                                                      -o.throughput / o.plan.gpus, o.plan.label()))
     for o in ranked[:capacity_top]:
         o.capacity = ev.capacity(o.plan)
         o.result = ev.simulate(o.plan)
-    for o in pareto_front(ranked):
+    meeting = [o for o in ranked if o.attainment >= slo.percentile]
+    front = pareto_front(meeting or ranked)
+    for o in front:
         if o.result is None:
             o.result = ev.simulate(o.plan)
-    return SearchResult(ranked, sorted(infeasible.values(), key=lambda o: o.trial or 0), pareto_front(ranked),
+    return SearchResult(ranked, sorted(infeasible.values(), key=lambda o: o.trial or 0), front,
                         name, masked(url), sampler, done, time.monotonic() - start)
 
 
