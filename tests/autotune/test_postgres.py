@@ -54,3 +54,29 @@ def test_two_tune_processes_share_one_study_and_one_records_table(tmp_path):
             pass   # the study was never created
         with sa.create_engine(URL).begin() as conn:
             conn.exec_driver_sql("DELETE FROM kascade_tuning_records WHERE source = %(s)s", {"s": study})
+
+
+def test_two_plan_searches_share_one_plan_study(tmp_path):
+    """Serving-plan search workers on two processes contribute trials to one study."""
+    study = f"kascade-plan-test-{uuid.uuid4().hex[:12]}"
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(f'{{"arrival": {i * 0.4:.2f}, "prompt_tokens": {200 + 37 * (i % 9)}, '
+                             f'"output_tokens": {40 + 11 * (i % 5)}}}\n' for i in range(120)))
+    cmd = [sys.executable, "-m", "kascade", "plan", "--model", "llama-3-8b", "--target", "h200", "--gpus", "4",
+           "--workload", str(trace), "--slo-ttft", "2s", "--slo-tpot", "200ms", "--trials", "6", "--storage", URL,
+           "--study", study]
+    env = dict(os.environ, KASCADE_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen(cmd + ["--seed", str(i), "--out", str(tmp_path / f"out{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    try:
+        for p, (_, stderr) in zip(procs, outs):
+            assert p.returncode == 0, stderr
+        trials = optuna.load_study(study_name=study, storage=URL).get_trials(deepcopy=False)
+        assert len([t for t in trials if t.state.name == "COMPLETE"]) >= 12, [t.state.name for t in trials]
+        assert all((tmp_path / f"out{i}" / "plan.json").is_file() for i in range(2))
+    finally:
+        try:
+            optuna.delete_study(study_name=study, storage=URL)
+        except KeyError:
+            pass
