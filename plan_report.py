@@ -18,7 +18,7 @@ import jinja2
 import numpy as np
 
 from kascade.autotune.plan import Outcome, PlanError, SearchResult
-from kascade.report import Figure, Section, Table, _figure, _md_cell, _png, fmt_num, fmt_time
+from kascade.report import Figure, Section, Table, _figure, _png, fmt_num, fmt_time, markdown_sections
 
 TEMPLATE = Path(__file__).with_name("plan_report.html.j2")
 COLOURS = ("#1f4e79", "#2a9d8f", "#e76f51", "#c77c02", "#6b7b8c")
@@ -176,17 +176,7 @@ def sections(result: SearchResult, doc: dict) -> list[Section]:
 
 # ---- writing ---------------------------------------------------------------------------------------
 def markdown(title: str, secs: list[Section]) -> str:
-    lines = [f"# {title}", ""]
-    for s in secs:
-        lines += [f"## {s.title}", ""]
-        lines += [x for p in s.paragraphs for x in (p, "")]
-        lines += [x for f in s.figures for x in (f"![{f.alt}](figures/{f.name}.png)", "")]
-        for t in s.tables:
-            lines.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-            lines.append("|" + "|".join("---:" if i in t.numeric else "---" for i in range(len(t.headers))) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
-            lines.append("")
-    return "\n".join(lines)
+    return markdown_sections([f"# {title}", ""], secs)
 
 
 def html(title: str, secs: list[Section], generated: str) -> str:

@@ -344,7 +344,13 @@ def _md_cell(text: str) -> str:
 
 
 def markdown(data: ReportData, secs: list[Section]) -> str:
-    lines = ["# kascade tuning report", "", f"Generated {as_json(data)['generated']} from `{data.storage}`.", ""]
+    head = ["# kascade tuning report", "", f"Generated {as_json(data)['generated']} from `{data.storage}`.", ""]
+    return markdown_sections(head, secs)
+
+
+def markdown_sections(head: list[str], secs: list[Section]) -> str:
+    """Markdown of ``secs`` after the ``head`` lines (sections ``warnings`` and ``notes`` as bullets)."""
+    lines = list(head)
     for s in secs:
         lines += [f"## {s.title}", ""]
         bullet = "- " if s.id in ("warnings", "notes") else ""

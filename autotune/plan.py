@@ -76,11 +76,11 @@ class Plan:
 
     @property
     def replica_gpus(self) -> int:
-        return self.tp * self.pp * self.ep
+        return self.parallelism().replica_gpus
 
     @property
     def gpus(self) -> int:
-        return self.replica_gpus * self.dp
+        return self.parallelism().gpus
 
     def parallelism(self) -> Parallelism:
         return Parallelism(self.tp, self.pp, self.ep, self.dp)
