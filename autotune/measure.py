@@ -338,8 +338,9 @@ class ProcessMeasurer(Measurer):
 
 # ---- the GPU measurement (runs in the worker) ------------------------------------------------
 @dataclass(frozen=True)
-class PrefillJob:
-    """What the worker needs to time prefill-attention configs at one shape."""
+class MeasureJob:
+    """What the worker needs to time one schedule's configs at one shape (any kernel family: the
+    schedule's key is part of ``ident``)."""
     schedule: Schedule
     extents: tuple[tuple[str, int], ...]
     params: tuple[tuple[str, int | float], ...] = ()
@@ -352,6 +353,9 @@ class PrefillJob:
 
     def ident(self) -> str:
         return f"{self.schedule.key()}|{self.extents}|{self.params}|{self.seed}"
+
+
+PrefillJob = MeasureJob
 
 
 def gpu_measurer(schedule: Schedule, extents: Mapping[str, int], params: Mapping[str, int | float] | None = None,

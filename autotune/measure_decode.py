@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from kascade.autotune import measure
-from kascade.autotune.measure import WrongResult
+from kascade.autotune.measure import MeasureJob, WrongResult
 from kascade.autotune.space import parse_config
 from kascade.backends.model import decode_extents
 from kascade.passes.schedule import Config, Schedule, padded_head_dim
@@ -23,20 +22,7 @@ from kascade.passes.schedule import Config, Schedule, padded_head_dim
 _TOLERANCE = {"bf16": 3e-2, "f16": 5e-3, "f32": 1e-4}
 
 
-@dataclass(frozen=True)
-class DecodeJob:
-    schedule: Schedule
-    extents: tuple[tuple[str, int], ...]          # B, G, R, E, F, M0, L
-    params: tuple[tuple[str, int | float], ...] = ()
-    seed: int = 0
-    probe_ms: float = 10.0
-    rep_ms: float = 100.0
-    retime_ms: float = 25.0
-    graph_below_s: float = 20e-6
-    check: bool = True
-
-    def ident(self) -> str:
-        return f"decode|{self.schedule.key()}|{self.extents}|{self.params}|{self.seed}"
+DecodeJob = MeasureJob   # schedule, extents, params, seed and the timing options
 
 
 def check_sizes(x: Mapping[str, int]) -> dict[str, int]:

@@ -11,11 +11,10 @@ bookkeeping included: it depends on BLOCK_M).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from kascade.autotune import measure
-from kascade.autotune.measure import WrongResult
+from kascade.autotune.measure import MeasureJob, WrongResult
 from kascade.autotune.space import parse_config
 from kascade.backends.model import input_dtype
 from kascade.passes.schedule import Schedule
@@ -24,19 +23,7 @@ _TOLERANCE = {"bf16": 3e-2, "f16": 5e-3, "f32": 1e-4}
 CHECK_TOKENS = 37
 
 
-@dataclass(frozen=True)
-class MoeJob:
-    schedule: Schedule
-    extents: tuple[tuple[str, int], ...]          # T, K, E, D, F
-    seed: int = 0
-    probe_ms: float = 10.0
-    rep_ms: float = 100.0
-    retime_ms: float = 25.0
-    graph_below_s: float = 20e-6
-    check: bool = True
-
-    def ident(self) -> str:
-        return f"moe|{self.schedule.key()}|{self.extents}|{self.seed}"
+MoeJob = MeasureJob   # schedule, extents, params, seed and the timing options
 
 
 def expert_loop(x, w1, w2, topk_weights, topk_ids):
@@ -122,4 +109,5 @@ def moe_measurer(schedule: Schedule, extents: Mapping[str, int], params: Mapping
                  *, device: int = 0, **job: Any) -> measure.ProcessMeasurer:
     from functools import partial
     ext = tuple(sorted((k, int(extents[k])) for k in ("T", "K", "E", "D", "F")))
-    return measure.ProcessMeasurer(partial(measure.job_samples, MoeState, MoeJob(schedule, ext, **job)), device=device)
+    return measure.ProcessMeasurer(partial(measure.job_samples, MoeState, MoeJob(schedule, ext, **job)),
+                                   device=device)

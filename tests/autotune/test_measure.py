@@ -148,3 +148,31 @@ def test_the_numerics_check_runs_the_generated_kernel_against_the_reference():
     st.ref = st.ref + 0.1
     with pytest.raises(WrongResult, match="max |out - reference|"):
         st.check(st.source(key))
+
+
+def test_decode_and_moe_jobs_check_configs_against_independent_references():
+    """The GPU measurers' numerics checks, run under the interpreter: a correct config passes; a
+    reference that disagrees (as a wrong kernel would) is a WrongResult, never a timing."""
+    from kascade.autotune.measure import WrongResult
+    from kascade.autotune.measure_decode import DecodeJob, DecodeState
+    from kascade.autotune.measure_moe import MoeJob, MoeState
+    from kascade.ir.dtypes import f16
+    from kascade.ir.library import paged_decode
+    from kascade.passes.schedule import Config
+    from kascade.passes.schedule_decode import paged_decode_schedule
+    from kascade.passes.schedule_moe import choose_moe_config, swiglu_moe_schedule
+    dec = DecodeState(DecodeJob(paged_decode_schedule(paged_decode(dtype=f16)),
+                                tuple(sorted(dict(B=4, G=2, R=3, E=40, F=40, M0=5, L=500).items()))), interpret=True)
+    cfg = Config.of(BLOCK_N=16, num_warps=2, num_stages=2, num_splits=3)
+    assert dec.check(cfg) < 5e-3
+    moe_sched = swiglu_moe_schedule(f16)
+    ext = dict(T=100, K=2, E=8, D=40, F=24)
+    moe = MoeState(MoeJob(moe_sched, tuple(sorted(ext.items()))), interpret=True)
+    key = choose_moe_config(moe_sched, ext)[0].key()
+    assert moe.check(key) < 5e-3
+    dec.ref = dec.ref + 0.5
+    moe.ref = moe.ref * 1.5
+    with pytest.raises(WrongResult, match="max \\|out - reference\\|"):
+        dec.check(cfg)
+    with pytest.raises(WrongResult, match="max \\|out - reference\\|"):
+        moe.check(key)
