@@ -12,12 +12,17 @@ them). Per stage:
 
 * attention, the dense FFN, shared experts and the LM head are tensor-parallel over ``tp``
   (Megatron: query heads / ``tp``, KV heads / ``tp`` or replicated when ``tp > kv_heads``,
-  FFN inner size / ``tp``, vocabulary / ``tp``): two all-reduces of ``tokens x hidden`` per layer;
+  FFN inner size / ``tp``, vocabulary / ``tp``). A layer's collectives are those the partition
+  pass gives for the serving-step cascade under ``g`` and ``f`` over ``tp``
+  (:func:`layer_collectives`: two all-reduces of ``tokens x hidden``, after the attention output
+  and the FFN's down projection), sized from the iteration's token count;
 * with ``ep > 1`` the ``ep`` tensor-parallel groups of a stage each take an equal share of the
   batch's requests for attention (data-parallel attention, as DeepSeek-V3 and SGLang serve
   MoE models) and the routed experts are split over them (``experts / ep`` each, each expert's
   FFN again over ``tp``): tokens go to their experts with an all-to-all (dispatch) and come
-  back with another (combine). Routing is taken as uniform (the cost model's prior).
+  back with another (combine). Routing is taken as uniform (the cost model's prior). The
+  serving step's MoE is in the gather form, whose expert rank the partition pass cannot shard
+  (experts are read through the routing indices), so these all-to-alls stay a formula here.
 * with ``pp > 1`` the batch is cut into ``m = min(pp, sequences)`` micro-batches that follow
   each other through the stages (vLLM's and TensorRT-LLM's pipeline with iteration-level
   scheduling); a stage then works ``sum_j t(mb_j)`` per iteration and idles ``(pp - m) *
@@ -58,7 +63,9 @@ from kascade.backends.moe_cost import moe_cost
 from kascade.backends.targets import Target
 from kascade.ir.dtypes import bf16
 from kascade.ir.errors import KascadeError
-from kascade.ir.library.models import ModelSpec
+from kascade.ir.expr import extents_used
+from kascade.ir.library.models import ModelSpec, serving_step_cascade
+from kascade.passes.partition import partition
 from kascade.passes.schedule import Config, Schedule, attention_prefill_schedule
 from kascade.passes.schedule_decode import paged_decode_schedule
 from kascade.passes.schedule_moe import swiglu_moe_schedule
@@ -191,6 +198,62 @@ def _moe_prediction(target: Target, shape: tuple, itemsize: int) -> Prediction:
     return predict(moe_cost(_schedules()[2], cfg, x, target, itemsize), target, _dtype(itemsize))
 
 
+# the serving step's new keys and values: each GPU appends its KV heads to its own shard of the
+# paged cache (sharded on g like KC / VC), so the all-gather the partition pass lists for these
+# outputs is not one an engine performs
+_CACHE_OUTPUTS = frozenset({"KNO", "VN"})
+# the serving step's extents that depend on the batch (tokens, keys over the batch's tokens, sequences)
+_BATCH_EXTENTS = frozenset({"T", "U", "S"})
+
+
+class LayerCollective(NamedTuple):
+    """One collective of one layer of the tensor-parallel serving step: its ``kind`` and ``group``
+    (``Cluster.collective_seconds`` takes both) and its size, ``bytes_per_token * tokens``.
+
+    Sizes are at the model's activation dtype: the partition pass sizes a partial sum at its f32
+    accumulator type, but engines all-reduce the row-parallel layers' outputs at the activation
+    dtype (Megatron, vLLM: bf16), so the pass's bytes are scaled by ``dtype_bytes / itemsize``."""
+    kind: str
+    tensor: str
+    group: int
+    bytes_per_token: float
+
+
+@lru_cache(maxsize=256)
+def layer_collectives(model: ModelSpec, tp: int) -> tuple[LayerCollective, ...]:
+    """The per-layer collectives of ``model``'s serving step on ``tp`` tensor-parallel GPUs, from
+    :func:`~kascade.passes.partition.partition` of :func:`~kascade.ir.library.models.serving_step_cascade`
+    with the KV-head groups ``g`` and the FFN's inner rank ``f`` over ``tp`` (memoised: the simulator
+    asks per iteration, the cascade and the pass run once per model and degree).
+
+    With ``tp > kv_heads`` the KV heads are replicated: the global view then has ``G = tp`` groups
+    of ``heads / tp`` query heads (each GPU one group), which is what each GPU computes. Raises
+    :class:`KascadeError` when ``tp`` does not shard the model (see ``IterationModel.infeasible``)
+    or a collective's size depends on the batch other than through its token count."""
+    if tp == 1:
+        return ()
+    if model.heads % tp or (model.kv_heads % tp if tp <= model.kv_heads else tp % model.kv_heads):
+        raise KascadeError(f"tp={tp} must divide the {model.heads} heads and divide or be a multiple of the "
+                           f"{model.kv_heads} KV heads")
+    step = serving_step_cascade(model, [(1, 0)], [], tp=1)
+    groups = max(model.kv_heads, tp)
+    fixed = {k: v for k, v in step.extents.items() if k not in _BATCH_EXTENTS}
+    fixed |= {"G": groups, "R": model.heads // groups}
+    prog = partition(step.cascade, {"g": ("tp", tp), "f": ("tp", tp)}, extents={**fixed, "T": 1, "U": 1, "S": 1})
+    out = []
+    for c in prog.collectives:
+        if c.kind == "all_gather" and c.tensor in _CACHE_OUTPUTS:
+            continue
+        batch = extents_used(c.bytes) & _BATCH_EXTENTS
+        if batch != {"T"}:
+            raise KascadeError(f"serving step under tp={tp}: {c} depends on the batch through {sorted(batch)}; "
+                               "the iteration model sizes a layer's collectives by its token count T only")
+        itemsize = c.bytes_at(dict.fromkeys(extents_used(c.bytes), 1))
+        per_token = c.bytes_at({**fixed, "T": 1}) * model.dtype_bytes / itemsize
+        out.append(LayerCollective(c.kind, c.tensor, c.group, per_token))
+    return tuple(out)
+
+
 def _bucket(x: int) -> int:
     """Rounds up to a grid of 16 steps per octave above 32 (<= 4.4 % high): kernel costs are
     memoised per bucket, so a simulator's millions of calls hit a few thousand shapes."""
@@ -219,6 +282,7 @@ class IterationModel:
         self.shared_ffn = m.shared_experts * m.expert_intermediate // tp if m.is_moe else 0
         self._memo: dict = {}
         self._unsharded = self._unshardable()
+        self.collectives = layer_collectives(model, par.tp) if self._unsharded is None else ()
         # placement: tp innermost, then ep, then pp
         self.tp_spans = cluster.spans_nodes(1, par.tp)
         self.ep_spans = cluster.spans_nodes(par.tp, par.ep)
@@ -489,11 +553,10 @@ class IterationModel:
         # two RMSNorms, RoPE on q and k, two residual adds, the SwiGLU activation
         width = 2 * m.hidden + q + kv + 2 * m.hidden + max(self.ffn, self.shared_ffn)
         run("elementwise", self._elementwise(tokens, width))
-        if par.tp > 1:
-            ar = 2 * L * self.cluster.collective_seconds("all_reduce", tokens * m.hidden * m.dtype_bytes, par.tp,
-                                                         self.tp_spans)
-            _add(part.time, {"all_reduce": ar})
-            _add(part.resources, {"network": ar})
+        for c in self.collectives:   # the partitioned serving step's, every layer of the stage
+            sec = L * self.cluster.collective_seconds(c.kind, tokens * c.bytes_per_token, c.group, self.tp_spans)
+            _add(part.time, {c.kind: sec})
+            _add(part.resources, {"network": sec})
         # the LM head on the last token of each sequence, vocabulary-parallel, then its logits gathered
         logits = len(chunks) + len(contexts)
         run("lm_head", self._gemm(logits, m.vocab // par.tp, m.hidden), times=1, head=True)

@@ -29,8 +29,10 @@ Collectives follow from the rewrite:
 So the dense decoder layer under ``{g: tp, f: tp}`` is Megatron's pattern (one all-reduce
 after the attention output projection, one after the FFN down projection), and the MoE layer
 under ``{x: ep}`` runs each device's experts on the tokens routed to them and sums the
-expert outputs with one all-reduce (the dense-combine form of expert parallelism; see
-:func:`partition`). Pipeline stages split the statements instead (:func:`pipeline_stages`),
+expert outputs with one all-reduce (the dense-combine form of expert parallelism); the
+expert-grouped MoE (:func:`~kascade.passes.moe_grouping.group_experts`) under ``{x: ep}``
+dispatches its rows to the experts' devices and back with all-to-alls instead
+(:func:`partition_experts_all_to_all`). Pipeline stages split the statements instead (:func:`pipeline_stages`),
 and :func:`kv_transfer` lists the cache a prefill instance hands to a decode instance.
 
 Collective sizes (``bytes``) are expressions of the source cascade's (global) extents: the
@@ -51,6 +53,7 @@ from kascade.ir.expr import Expr, Op, extent_of, free_ranks
 from kascade.ir.extents import eval_int
 from kascade.ir.printer import format_cascade, format_expr, format_statement
 from kascade.ir.validate import infer_dtypes, validate
+from kascade.passes.moe_grouping import group_experts
 
 AXES = ("tp", "ep", "dp")   # axes that shard a rank; "pp" splits statements (pipeline_stages)
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p", "kv_transfer")
@@ -84,6 +87,14 @@ class Collective:
     kv_transfer: sent from stage / instance ``src`` to ``dst``). ``op`` is the reduction of
     an all_reduce / reduce_scatter; ``rank`` the (global) rank an all_gather concatenates
     along. ``bytes`` is the size of the whole tensor, over the source's extents.
+
+    An ``all_to_all`` sends blocks of ``tensor``'s first dim to the devices of the group and
+    defines ``into`` (a per-device input of the program) from the blocks it receives, in
+    device order. With ``splits = (send, recv)`` the block sizes are data-dependent: ``send``
+    and ``recv`` are i32 tensors over the group's devices holding the rows sent to and received
+    from each device (known on both sides before the rows move: the counts are exchanged
+    first); without, every block has ``1 / group`` of the dim. Its ``bytes`` is the size of
+    the whole exchanged tensor over all devices (every row leaves its device once at most).
     """
     kind: str
     tensor: str
@@ -94,6 +105,8 @@ class Collective:
     rank: str | None = None
     src: int | None = None
     dst: int | None = None
+    into: str | None = None
+    splits: tuple[str, str] | None = None
 
     def bytes_at(self, extents: Mapping[str, int]) -> int:
         """``bytes`` for concrete global extents (``extents`` binds every symbol in it)."""
@@ -105,7 +118,9 @@ class Collective:
     def __str__(self) -> str:
         what = self.kind + (f"[{self.op}]" if self.op else "") + (f"[{self.rank}]" if self.rank else "")
         where = f"{self.axis} x{self.group}" if self.src is None else f"{self.axis} {self.src} -> {self.dst}"
-        return f"{what}({self.tensor}) over {where}, bytes = {format_expr(self.bytes)}"
+        moved = self.tensor if self.into is None else f"{self.tensor} -> {self.into}"
+        rows = "" if self.splits is None else f", rows {self.splits[0]} -> {self.splits[1]}"
+        return f"{what}({moved}) over {where}{rows}, bytes = {format_expr(self.bytes)}"
 
 
 @dataclass(frozen=True)
@@ -114,12 +129,14 @@ class PartitionedProgram:
 
     ``input_shards`` says, per sliced input, which dims are split and how: device ``c`` of
     axis ``s.axis`` holds ``[c * n, (c + 1) * n)`` of that dim, ``n = extent / s.degree``.
+    ``received`` names the inputs of ``local`` that the program's all-to-alls define.
     """
     source: Cascade
     shards: tuple[Shard, ...]
     local: Cascade
     collectives: tuple[Collective, ...]
     input_shards: tuple[tuple[str, tuple[tuple[int, Shard], ...]], ...]
+    received: tuple[str, ...] = ()   # inputs of ``local`` an all_to_all defines (not the caller's)
 
     @property
     def axes(self) -> tuple[tuple[str, int], ...]:
@@ -211,9 +228,10 @@ def _is_plain(ix: Expr, r: str) -> bool:
     return ix.op is Op.RANK and ix.arg == r
 
 
-def _analyse(c: Cascade, r: str) -> tuple[set[int], set[str], list[str]]:
+def _analyse(c: Cascade, r: str, keep: frozenset[str] = frozenset()) -> tuple[set[int], set[str], list[str]]:
     """Statements (by index) that run on the local part of ``r``; tensors needed whole
-    along ``r``; and why each blocked statement could not run locally."""
+    along ``r``; and why each blocked statement could not run locally. Outputs in ``keep``
+    are consumed on their shard by a later part of the program, so they may stay sharded."""
     why: list[str] = []
     local = set()
     for i, s in enumerate(c.stmts):
@@ -227,7 +245,8 @@ def _analyse(c: Cascade, r: str) -> tuple[set[int], set[str], list[str]]:
             local.add(i)
     full: set[str] = set()
     read_later = {n for s in c.stmts for e in _exprs(s) for n in E.tensors_read(e)}
-    full |= {n for n in c.outputs if n in read_later and r in c.ranks_of(n)}  # outputs read later stay whole
+    # outputs read later stay whole (they are gathered), unless a later part reads them on their shard
+    full |= {n for n in c.outputs if n in read_later and r in c.ranks_of(n) and n not in keep}
     changed = True
     while changed:
         changed = False
@@ -286,7 +305,8 @@ def _validate_mapping(c: Cascade, shards: tuple[Shard, ...], extents: Mapping[st
 
 
 # ---- the rewrite ----------------------------------------------------------------------
-def partition(c: Cascade, mapping, *, extents: Mapping[str, int] | None = None) -> PartitionedProgram:
+def partition(c: Cascade, mapping, *, extents: Mapping[str, int] | None = None,
+              ep_style: str | None = None) -> PartitionedProgram:
     """Shard ``c`` by ``mapping`` (see :func:`parse_mapping`); returns the per-device program.
 
     ``extents`` (global, optional) lets the pass check that each degree divides its rank's
@@ -295,22 +315,50 @@ def partition(c: Cascade, mapping, *, extents: Mapping[str, int] | None = None) 
     only the diagonal blocks), or a rank with no statement that can run on its local part;
     :class:`ShapeError` when a degree does not divide an extent.
 
-    Expert parallelism: the IR's dense MoE form computes ``R[t, x] * EO[t, x, d]``; with ``x``
-    sharded each device runs its experts and one all-reduce sums their contributions. This
-    computes the same function as dispatching tokens with an all-to-all and moves
-    ``T * D`` per device either way; the all-to-all form needs the sparse (grouped) form of
-    the experts, which the evaluator does not run per device, so it is not what this emits.
+    Expert parallelism (the experts' rank sharded), by ``ep_style``:
+
+    - ``"all_to_all"`` (the default for the expert-grouped form, :func:`group_experts`'s
+      output; a dense or gather MoE is grouped first): what EP serving does. Each device routes
+      its share of the tokens, dispatches every (token, choice) row to the device owning its
+      expert with an all-to-all (counts first, then rows), runs its experts' grouped GEMMs on
+      the rows it received, and a second all-to-all returns the results for the weighted
+      combine on the token's device; see :func:`partition_experts_all_to_all`.
+    - ``"all_reduce"`` (the default for the dense form): every device runs its experts on all
+      tokens (``R[t, x] * EO[t, x, d]`` is zero off the routed pairs) and one all-reduce sums the
+      contributions. The same function, no dispatch; what an engine does with replicated tokens.
     """
+    from kascade.passes.partition_experts import (  # it builds on this module
+        _match_grouped,
+        partition_experts_all_to_all,
+    )
     validate(c)
     shards = parse_mapping(mapping, c)
     if not shards:
         raise RewriteError("partition: the mapping is empty; give at least one RANK=AXIS:DEGREE")
     _validate_mapping(c, shards, extents)
+    if ep_style not in (None, "all_to_all", "all_reduce"):
+        raise RewriteError(f"partition: ep_style={ep_style!r}; accepted: 'all_to_all', 'all_reduce' or None "
+                           "(all_to_all for the expert-grouped MoE form, all_reduce otherwise)")
+    grouped = _match_grouped(c)
+    if ep_style == "all_to_all" and grouped is None:
+        c = group_experts(c)          # raises a RewriteError saying why when c has no expert part
+        grouped = _match_grouped(c)
+    if grouped is not None and any(s.rank == grouped.expert for s in shards):
+        if ep_style == "all_reduce":
+            raise RewriteError("partition: ep_style='all_reduce' needs the dense MoE form (every expert's result "
+                               "for every token); the expert-grouped form computes only routed rows; partition "
+                               "the dense form, or use ep_style='all_to_all'")
+        return partition_experts_all_to_all(c, shards, grouped)
+    return _partition(c, shards)
 
+
+def _partition(c: Cascade, shards: tuple[Shard, ...], keep: frozenset[str] = frozenset()) -> PartitionedProgram:
+    """The rank-sharding rewrite (mapping validated). Outputs in ``keep`` are left on their
+    shard (no all-gather): a later part of the program reads them there."""
     local_on: dict[int, list[Shard]] = {}
     sharded_dims: dict[str, dict[int, Shard]] = {}
     for sh in shards:
-        local, full, why = _analyse(c, sh.rank)
+        local, full, why = _analyse(c, sh.rank, keep)
         if not local:
             raise RewriteError(f"partition: rank {sh.rank!r} cannot be sharded: no statement can run on a part of "
                                f"it ({'; '.join(why) or 'no statement iterates it'}); accepted: ranks that some "
@@ -362,7 +410,7 @@ def partition(c: Cascade, mapping, *, extents: Mapping[str, int] | None = None) 
                 body = body.rewrite(pull_out)
             stmts.append(Einsum(s.name, ranks, body, s.dtype, s.output, s.step, init))
         if s.output:
-            for n in s.outputs:
+            for n in (n for n in s.outputs if n not in keep):
                 gathered = tuple(sharded_dims.get(n, {}).values())
                 if gathered:
                     pending.append((n, "all_gather", gathered, None))

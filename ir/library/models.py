@@ -27,7 +27,7 @@ from kascade.ir.builder import CascadeBuilder
 from kascade.ir.cascade import Cascade
 from kascade.ir.dtypes import DType, bf16, f32, i32
 from kascade.ir.errors import KascadeError
-from kascade.ir.expr import INF, exp, extent, logical_and, max_, maximum, ranks, sum_, where
+from kascade.ir.expr import INF, exp, extent, logical_and, max_, maximum, ranks, silu, sum_, where
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
     tensor-parallel GPUs: ``prefill`` chunks ``(new tokens, tokens already cached)`` and ``decode``
     requests (their context lengths, the new token included) packed into ``T`` tokens.
 
-    The cascade (built from the library's RMSNorm, RoPE, SwiGLU and MoE pieces, with a paged
+    The cascade (built from the library's RMSNorm, RoPE and SwiGLU pieces and emit_moe's routing, with a paged
     attention that serves prefill chunks and decode tokens alike, as vLLM's unified kernel does):
 
     * inputs ``X[t, d]``, ``SQ[t]``: i32 (the sequence of token ``t``), ``POS[t]``: i32 (its
@@ -261,7 +261,7 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
     * attention of each token over its sequence's cached keys (``m1 * M0 + m0 < CL``) and the
       batch's new keys of the same sequence at or before its position (rank ``u`` over the
       tokens again), one softmax over both;
-    * outputs ``Y[t, d]`` (the layer's output) and ``KN[g, t, e]``, ``VN[g, t, e]`` (the new keys,
+    * outputs ``Y[t, d]`` (the layer's output) and ``KNO[g, t, e]``, ``VN[g, t, e]`` (the new keys,
       after RoPE, and values that the engine appends to the cache).
 
     Sharding over ``tp`` (the extents): ``G = kv_heads / tp`` KV heads (1, replicated, when
@@ -271,7 +271,6 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
     whole tokens; see ``backends/iteration``)."""
     from kascade.ir.library.layer import _rope
     from kascade.ir.library.mlp import emit_rmsnorm, emit_swiglu
-    from kascade.ir.library.moe import emit_moe
 
     chunks = [(int(n), int(c)) for n, c in prefill]
     contexts = [int(c) for c in decode]
@@ -301,10 +300,14 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
     XN = emit_rmsnorm(cb, X, WN1, eps, "XN", "MS1")
     QP = cb.einsum("QP", "g r t e", sum_(d, XN[t, d] * WQ[g, r, e, d]))
     KP = cb.einsum("KP", "g t e", sum_(d, XN[t, d] * WK[g, e, d]))
-    VN = cb.einsum("VN", "g t e", sum_(d, XN[t, d] * WV[g, e, d]), dtype, output=True)
+    VP = cb.einsum("VP", "g t e", sum_(d, XN[t, d] * WV[g, e, d]))
     QR = _rope(cb, "QR", QP, t, COS, SIN)
     KN = _rope(cb, "KN", KP, t, COS, SIN)
-    KN = cb.einsum("KNO", "g t e", KN[g, t, e], dtype, output=True)   # the new keys, at the cache's dtype
+    # the new keys and values at the cache's dtype, as outputs that nothing reads: attention reads
+    # KN and VP, so the partition pass can shard the K/V projections over g (an output read later
+    # would be kept whole, i.e. every tensor-parallel GPU would recompute all KV heads)
+    cb.einsum("KNO", "g t e", KN[g, t, e], dtype, output=True)
+    cb.einsum("VN", "g t e", VP[g, t, e], dtype, output=True)
     # scores over the cached keys of the token's sequence, and over the batch's new keys
     cached = m1 * extent("M0") + m0 < CL[SQ[t]]
     dot_c = sum_(e, QR[g, r, t, e] * KC[BT[SQ[t], m1], m0, g, e])
@@ -318,16 +321,30 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
     EN = cb.einsum("EN", "g r t u", exp(SCN[g, r, t, u] - GM[g, r, t]))
     SD = cb.einsum("SD", "g r t", sum_((m1, m0), EC[g, r, t, m1, m0]) + sum_(u, EN[g, r, t, u]))
     av_c = sum_((m1, m0), where(cached, EC[g, r, t, m1, m0] * VC[BT[SQ[t], m1], m0, g, e], 0.0))
-    AV = cb.einsum("AV", "g r t e", (av_c + sum_(u, EN[g, r, t, u] * VN[g, u, e])) / SD[g, r, t])
+    AV = cb.einsum("AV", "g r t e", (av_c + sum_(u, EN[g, r, t, u] * VP[g, u, e])) / SD[g, r, t])
     HA = cb.einsum("HA", "t d", X[t, d] + sum_((g, r, e), AV[g, r, t, e] * WO[d, g, r, e]))
     HN = emit_rmsnorm(cb, HA, WN2, eps, "HN", "MS2")
     if spec.is_moe:
         x = ranks("x")[0]
         WR = cb.input("WR", "x d", dtype)
         W13, W2 = cb.input("W13", "x h f d", dtype), cb.input("W2", "x d f", dtype)
+        k, h, f = ranks("k h f")
         LG = cb.einsum("LG", "t x", sum_(d, HN[t, d] * WR[x, d]))
-        emit_moe(cb, HN, LG, W13, W2, "Y", top_k_renormalize=True, form="gather", residual=HA, dtype=dtype,
-                 output=True)
+        # routing as emit_moe's (softmax, top-k, renormalised); the experts in its gather form, but
+        # with the weighted combine inside the down projection's reduction (over k and f at once):
+        # under tensor parallelism the partial sums are then ``T x D`` and so is their all-reduce,
+        # as engines do (combine locally, then reduce), rather than ``T x K x D`` per choice
+        MX = cb.einsum("MX", "t", max_(x, LG[t, x]))
+        EX = cb.einsum("EX", "t x", exp(LG[t, x] - MX[t]))
+        SE = cb.einsum("SE", "t", sum_(x, EX[t, x]))
+        P = cb.einsum("P", "t x", EX[t, x] / SE[t])
+        TV, TI = cb.topk(("TV", "TI"), "t k", x, P[t, x])
+        TS = cb.einsum("TS", "t", sum_(k, TV[t, k]))
+        TW = cb.einsum("TW", "t k", TV[t, k] / TS[t])
+        GU = cb.einsum("GU", "t k h f", sum_(d, HN[t, d] * W13[TI[t, k], h, f, d]))
+        ACT = cb.einsum("ACT", "t k f", silu(GU[t, k, 0, f]) * GU[t, k, 1, f])
+        cb.einsum("Y", "t d", HA[t, d] + sum_((k, f), TW[t, k] * ACT[t, k, f] * W2[TI[t, k], d, f]), dtype,
+                  output=True)
     else:
         WG, WU, WD = cb.input("WG", "f d", dtype), cb.input("WU", "f d", dtype), cb.input("WD", "d f", dtype)
         emit_swiglu(cb, HN, WG, WU, WD, "Y", prefix="M", residual=HA, dtype=dtype, output=True)

@@ -8,40 +8,32 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_inputs import layer_inputs, moe_block_inputs
 
-from kascade.backends.distributed import Job, run_distributed
+from kascade.backends.distributed import Job, PipelineJob, run_distributed
 from kascade.backends.reference import evaluate
 from kascade.ir.errors import DeviceError
 from kascade.ir.library.layer import decoder_layer
 from kascade.ir.library.moe import moe
-from kascade.passes.partition import partition
+from kascade.passes.moe_grouping import group_experts
+from kascade.passes.partition import partition, pipeline_stages
 
 PARAMS = dict(scale=0.4, eps=1e-5)
 
 
-def layer_inputs(gen, moe_layer: bool, T, D, G, R, E, F, X=0) -> dict[str, torch.Tensor]:
-    def r(*shape, s=1.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * s
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * 10000 ** (-torch.arange(0, E, 2, dtype=torch.float64) / E)
-    ang = torch.cat([ang, ang], dim=1)
-    ins = dict(X=r(T, D), WN1=1 + r(D, s=0.1), WQ=r(G, R, E, D, s=D ** -.5), WK=r(G, E, D, s=D ** -.5),
-               WV=r(G, E, D, s=D ** -.5), WO=r(D, G, R, E, s=(G * R * E) ** -.5), COS=ang.cos(), SIN=ang.sin(),
-               WN2=1 + r(D, s=0.1))
-    if moe_layer:
-        ins.update(WR=r(X, D), W13=r(X, 2, F, D, s=D ** -.5), W2=r(X, D, F, s=F ** -.5))
-    else:
-        ins.update(WG=r(F, D, s=D ** -.5), WU=r(F, D, s=D ** -.5), WD=r(D, F, s=F ** -.5))
-    return ins
+def idle_expert_inputs(gen, world: int, T, D, F) -> dict[str, torch.Tensor]:
+    """Router logits that never pick expert ``X_EP - 1`` (on device 0, whose other experts
+    work) nor any expert of the last device: empty blocks in both all-to-alls."""
+    X = 3 * world if world == 2 else 2 * world
+    per = X // world
+    ins = moe_block_inputs(gen, T, D, X, F)
+    del ins["WR"]
+    lg = torch.randn(T, X, generator=gen, dtype=torch.float64)
+    lg[:, per - 1] = lg[:, X - per:] = -30.0
+    return dict(LG=lg, **ins)
 
 
-def moe_block_inputs(gen, T, D, X, F) -> dict[str, torch.Tensor]:
-    return dict(X=torch.randn(T, D, generator=gen, dtype=torch.float64),
-                WR=torch.randn(X, D, generator=gen, dtype=torch.float64),
-                W13=torch.randn(X, 2, F, D, generator=gen, dtype=torch.float64) * D ** -.5,
-                W2=torch.randn(X, D, F, generator=gen, dtype=torch.float64) * F ** -.5)
-
-
-def jobs_for(world: int) -> list[tuple[str, Job]]:
+def jobs_for(world: int) -> list[tuple[str, Job | PipelineJob]]:
     """Awkward sizes where divisibility allows: odd token counts, D and F not powers of two."""
     gen = torch.Generator().manual_seed(100 + world)
     dense, moe_layer = decoder_layer(), decoder_layer(moe=True)
@@ -55,10 +47,34 @@ def jobs_for(world: int) -> list[tuple[str, Job]]:
         (f"ep{world} moe block", Job(partition(moe(router=True), f"x=ep:{world}"),
                                      moe_block_inputs(gen, T=13, D=20, X=world + world // 2 * 2, F=9), {}, {"K": 3})),
     ]
+    grouped_layer = group_experts(moe_layer)
+    jobs += [   # expert parallelism with all-to-all dispatch (the grouped form's default)
+        (f"ep{world} a2a moe block, idle experts", Job(partition(group_experts(moe()), f"x=ep:{world}"),
+                                                       idle_expert_inputs(gen, world, T=3 * world, D=12, F=5),
+                                                       {}, {"K": 2})),
+        (f"ep{world} a2a moe layer, DP attention", Job(partition(grouped_layer, f"t=ep:{world},x=ep:{world}"),
+                                                       layer_inputs(gen, True, T=2 * world + world, D=16, G=2,
+                                                                    R=2, E=4, F=7, X=2 * world),
+                                                       PARAMS, {"K": 2})),
+    ]
+    dense = decoder_layer()
+    if world == 2:   # pipeline: attention block on stage 0, FFN on stage 1
+        jobs.append(("pp2 dense layer", PipelineJob(pipeline_stages(dense, [14]),
+                                                    layer_inputs(gen, False, T=7, D=24, G=2, R=3, E=6, F=10),
+                                                    PARAMS)))
     if world == 4:   # two mesh axes: heads over tp=2, experts over ep=2 (groups per axis)
         jobs.append(("tp2 x ep2 moe layer", Job(partition(moe_layer, "g=tp:2,x=ep:2"),
                                                 layer_inputs(gen, True, T=5, D=16, G=2, R=3, E=4, F=7, X=4),
                                                 PARAMS, {"K": 2})))
+        jobs.append(("tp2 x ep2 a2a moe layer", Job(partition(grouped_layer, "g=tp:2,x=ep:2"),
+                                                    layer_inputs(gen, True, T=6, D=16, G=2, R=3, E=4, F=7, X=4),
+                                                    PARAMS, {"K": 2})))
+        jobs.append(("pp2 x tp2 dense layer", PipelineJob(pipeline_stages(dense, [14]),
+                                                          layer_inputs(gen, False, T=7, D=24, G=4, R=3, E=6, F=10),
+                                                          PARAMS, mapping="g=tp:2,f=tp:2")))
+        jobs.append(("pp4 dense layer", PipelineJob(pipeline_stages(dense, 4),
+                                                    layer_inputs(gen, False, T=5, D=16, G=2, R=2, E=4, F=6),
+                                                    PARAMS)))
     return jobs
 
 
@@ -70,7 +86,11 @@ def test_partitioned_programs_match_the_evaluator(world):
     for k, (name, job) in enumerate(named):
         ref = evaluate(job.program.source, job.inputs, job.params, job.extents)["Y"]
         assert ref.isfinite().all()
-        for device in range(world):
+        holders = range(world)
+        if isinstance(job, PipelineJob):   # the last stage holds the outputs
+            holders = range(world - job.stage_world, world)
+            assert all(results[d][k] == {} for d in range(world) if d not in holders), name
+        for device in holders:
             out = results[device][k]["Y"]
             err = (out - ref).abs().max().item()
             assert err <= 1e-10 * max(1.0, ref.abs().max().item()), f"{name}, device {device}: max error {err}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_inputs import layer_inputs
 
 from kascade.backends.distributed import run_serial, segments, shard_inputs
 from kascade.backends.reference import evaluate
@@ -12,6 +13,7 @@ from kascade.ir.errors import RewriteError, ShapeError
 from kascade.ir.library.layer import decoder_layer
 from kascade.ir.library.mlp import gemm
 from kascade.ir.library.moe import moe
+from kascade.passes.moe_grouping import group_experts
 from kascade.passes.partition import (
     Shard,
     format_partitioned,
@@ -23,23 +25,6 @@ from kascade.passes.partition import (
 )
 
 PARAMS = dict(scale=0.4, eps=1e-5)
-
-
-def layer_inputs(gen, moe_layer: bool, T=7, D=24, G=4, R=3, E=6, F=20, X=4) -> dict[str, torch.Tensor]:
-    """Random float64 inputs of the decoder layer (awkward T, D, F; E even for rotate-half)."""
-    def r(*shape, s=1.0):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * s
-    pos = torch.arange(T, dtype=torch.float64)[:, None]
-    ang = pos * 10000 ** (-torch.arange(0, E, 2, dtype=torch.float64) / E)
-    ang = torch.cat([ang, ang], dim=1)
-    ins = dict(X=r(T, D), WN1=1 + r(D, s=0.1), WQ=r(G, R, E, D, s=D ** -.5), WK=r(G, E, D, s=D ** -.5),
-               WV=r(G, E, D, s=D ** -.5), WO=r(D, G, R, E, s=(G * R * E) ** -.5), COS=ang.cos(), SIN=ang.sin(),
-               WN2=1 + r(D, s=0.1))
-    if moe_layer:
-        ins.update(WR=r(X, D), W13=r(X, 2, F, D, s=D ** -.5), W2=r(X, D, F, s=F ** -.5))
-    else:
-        ins.update(WG=r(F, D, s=D ** -.5), WU=r(F, D, s=D ** -.5), WD=r(D, F, s=F ** -.5))
-    return ins
 
 
 def test_tp_dense_layer_is_megatron():
@@ -185,3 +170,70 @@ def test_axis_shorthand_and_the_cli(gen):
     assert res.exit_code == 0 and "<all_reduce[sum](Y_part) over tp x2" in res.output
     res = CliRunner().invoke(app, ["lower", "decoder_layer", "--partition", "q=tp:2"])
     assert res.exit_code != 0 and "no rank 'q'" in res.output
+
+
+def test_ep_all_to_all_on_the_grouped_form(gen):
+    """The grouped MoE under x=ep: counts exchanged, then expert ids and token rows dispatched,
+    results returned (four all-to-alls), Y gathered over the token shards; run in-process with
+    an idle expert and an idle device, equal to the evaluator."""
+    c = group_experts(moe())
+    p = partition(c, "x=ep:2")
+    assert [(x.kind, x.tensor, x.into, x.splits) for x in p.collectives] == [
+        ("all_to_all", "CNT", "CNT_RECV", None),
+        ("all_to_all", "ROWEXP", "ROWEXP_RECV", ("CNT_SEND", "CNT_ROWS_RECV")),
+        ("all_to_all", "XS", "XS_RECV", ("CNT_SEND", "CNT_ROWS_RECV")),
+        ("all_to_all", "EO", "EO_BACK", ("CNT_ROWS_RECV", "CNT_SEND")),
+        ("all_gather", "Y", None, None)]
+    ext = {"T": 12, "K": 2, "D": 10, "X": 6}
+    assert p.collectives[2].bytes_at(ext) == 2 * 12 * 2 * 10    # T * K rows of D bf16 in all
+    assert p.collectives[0].bytes_at(ext) == 4 * 2 * 6
+    assert p.received == ("CNT_RECV", "ROWEXP_RECV", "XS_RECV", "EO_BACK")
+    assert [n for n, _ in p.input_shards] == ["W13", "W2"]
+    text = format_partitioned(p)
+    assert "<all_to_all(XS -> XS_RECV) over ep x2, rows CNT_SEND -> CNT_ROWS_RECV, bytes = 2 * (T * K) * D>" in text
+    assert "W13[ROWEXP_RECV[u] - ep_rank * X_EP, h, f, d]" in text
+    ins = dict(LG=torch.randn(12, 6, generator=gen, dtype=torch.float64),
+               X=torch.randn(12, 10, generator=gen, dtype=torch.float64),
+               W13=torch.randn(6, 2, 5, 10, generator=gen, dtype=torch.float64),
+               W2=torch.randn(6, 10, 5, generator=gen, dtype=torch.float64))
+    ins["LG"][:, 2] = ins["LG"][:, 3:] = -30.0   # expert 2 idle on device 0; device 1's experts all idle
+    ref = evaluate(c, ins, {}, {"K": 2}, keep_all=True)
+    assert ref["CNT"][2:].sum() == 0 and ref["CNT"][:2].min() > 0
+    for out in run_serial(p, ins, {}, {"K": 2}):
+        torch.testing.assert_close(out["Y"], ref["Y"], rtol=1e-10, atol=1e-10)
+
+
+def test_ep_style_choices(gen):
+    """all_to_all groups a dense MoE first; all_reduce stays the dense form's default and is
+    refused on the grouped form; the experts' inner rank is not sharded with all_to_all."""
+    dense = moe(router=True)
+    a2a = partition(dense, "x=ep:2", ep_style="all_to_all")
+    assert [x.kind for x in a2a.collectives].count("all_to_all") == 4
+    assert [x.kind for x in partition(dense, "x=ep:2").collectives] == ["all_reduce"]
+    ins = dict(X=torch.randn(8, 10, generator=gen, dtype=torch.float64),
+               WR=torch.randn(4, 10, generator=gen, dtype=torch.float64),
+               W13=torch.randn(4, 2, 7, 10, generator=gen, dtype=torch.float64),
+               W2=torch.randn(4, 10, 7, generator=gen, dtype=torch.float64))
+    ref = evaluate(dense, ins, {}, {"K": 2})["Y"]
+    for out in run_serial(a2a, ins, {}, {"K": 2}):
+        torch.testing.assert_close(out["Y"], ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(RewriteError, match="ep_style='all_reduce' needs the dense MoE form"):
+        partition(group_experts(dense), "x=ep:2", ep_style="all_reduce")
+    with pytest.raises(RewriteError, match="accepted: 'all_to_all', 'all_reduce'"):
+        partition(dense, "x=ep:2", ep_style="alltoall")
+    with pytest.raises(RewriteError, match=r"does not shard ranks \['f'\]"):
+        partition(group_experts(dense), "x=ep:2,f=tp:2")
+    with pytest.raises(RewriteError, match="split over the experts' axis"):
+        partition(group_experts(dense), "x=ep:2,t=dp:2")
+    with pytest.raises(RewriteError, match="group_experts"):
+        partition(gemm(), "m=tp:2", ep_style="all_to_all")
+
+
+@pytest.mark.parametrize("mapping", ["x=ep:2", "t=ep:2,x=ep:2", "g=tp:2,x=ep:2"])
+def test_serial_ep_all_to_all_layer(gen, mapping):
+    """The grouped MoE decoder layer: attention replicated, token-sharded (DP attention) or over tp."""
+    c = group_experts(decoder_layer(moe=True))
+    ins = layer_inputs(gen, True, T=6, G=2, F=6, X=4)
+    ref = evaluate(c, ins, PARAMS, {"K": 2})["Y"]
+    for out in run_serial(partition(c, mapping), ins, PARAMS, {"K": 2}):
+        torch.testing.assert_close(out["Y"], ref, rtol=1e-10, atol=1e-10)
