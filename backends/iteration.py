@@ -20,9 +20,11 @@ them). Per stage:
   batch's requests for attention (data-parallel attention, as DeepSeek-V3 and SGLang serve
   MoE models) and the routed experts are split over them (``experts / ep`` each, each expert's
   FFN again over ``tp``): tokens go to their experts with an all-to-all (dispatch) and come
-  back with another (combine). Routing is taken as uniform (the cost model's prior). The
-  serving step's MoE is in the gather form, whose expert rank the partition pass cannot shard
-  (experts are read through the routing indices), so these all-to-alls stay a formula here.
+  back with another (combine). These are the partition pass's expert-parallel collectives
+  (:func:`expert_collectives`: the serving step with its experts' outputs as a tensor, grouped
+  by expert and partitioned with the experts ``x`` and tokens ``t`` over ``ep``, attention's
+  ``g`` over ``tp``): a count exchange, the rows with their expert ids, the results back.
+  Routing is taken as uniform (the cost model's prior).
 * with ``pp > 1`` the batch is cut into ``m = min(pp, sequences)`` micro-batches that follow
   each other through the stages (vLLM's and TensorRT-LLM's pipeline with iteration-level
   scheduling); a stage then works ``sum_j t(mb_j)`` per iteration and idles ``(pp - m) *
@@ -61,10 +63,11 @@ from kascade.backends.model import (
 )
 from kascade.backends.moe_cost import moe_cost
 from kascade.backends.targets import Target
-from kascade.ir.dtypes import bf16
+from kascade.ir.dtypes import Kind, bf16
 from kascade.ir.errors import KascadeError
 from kascade.ir.expr import extents_used
 from kascade.ir.library.models import ModelSpec, serving_step_cascade
+from kascade.ir.validate import infer_dtypes
 from kascade.passes.partition import partition
 from kascade.passes.schedule import Config, Schedule, attention_prefill_schedule
 from kascade.passes.schedule_decode import paged_decode_schedule
@@ -254,6 +257,91 @@ def layer_collectives(model: ModelSpec, tp: int) -> tuple[LayerCollective, ...]:
     return tuple(out)
 
 
+class ExpertCollective(NamedTuple):
+    """One expert-parallel all-to-all of one MoE layer, as one GPU of an attention group sends it:
+    ``fixed_bytes + bytes_per_token * tokens`` with ``tokens`` the group's tokens on that GPU (its
+    share of the group's, ``1 / tp``), the buffer ``Cluster.collective_seconds`` takes for
+    ``all_to_all`` (all the GPU sends, its own share included: that model's ``(n - 1) / n`` is the
+    share uniform routing sends to other devices). ``tensors`` are the partitioned program's tensors
+    moved in this one message."""
+    tensors: tuple[str, ...]
+    group: int
+    fixed_bytes: float
+    bytes_per_token: float
+
+
+@lru_cache(maxsize=256)
+def expert_collectives(model: ModelSpec, tp: int, ep: int) -> tuple[ExpertCollective, ...]:
+    """The all-to-alls of one MoE layer of ``model`` under expert parallelism ``ep`` with
+    ``tp``-way tensor-parallel attention groups, from :func:`~kascade.passes.partition.partition`
+    with ``ep_style="all_to_all"`` of the serving step (``expert_outputs=True``: the gather form
+    that the pass groups by expert) under ``x=ep:EP``, ``t=ep:EP`` (data-parallel attention: each
+    group its own tokens) and ``g=tp:TP`` (memoised per model and degrees, as
+    :func:`layer_collectives`).
+
+    The pass lists, per layer: the row counts (``CNT``, ``4 * ep * X`` bytes over the group: ``X``
+    i32 per device, whatever the batch: a small, latency-bound message), the dispatched expert ids
+    (``ROWEXP``, i32) and token rows (``XS``), and the experts' results back (``EO``), each of the
+    latter ``T * K`` rows over the whole group. Conversions:
+
+    * per device: the tokens are split over ``ep``, so a device's buffer is ``1 / ep`` of a
+      collective's ``bytes`` (the pass sizes the whole tensor over the group): per token of its
+      own, ``bytes(T = 1)``;
+    * per GPU of a tensor-parallel group: the ``tp`` GPUs of a group hold the same tokens after
+      the attention all-reduce and each dispatches ``1 / tp`` of them (the caller divides the
+      tokens by ``tp``). The pass does not shard the experts' inner rank ``f`` together with the
+      all-to-all (it refuses), so it is partitioned with ``tp`` on attention only; the experts'
+      ``f / tp`` split is the kernels' business (``_moe``);
+    * rows at the activation dtype: the pass sizes ``XS`` and ``EO`` at their f32 accumulator type,
+      engines move them at the model's (bf16); i32 metadata stays 4 bytes;
+    * one message per direction and split: the ids travel with the rows they label (DeepEP and
+      pplx-kernels send both in one dispatch), so all-to-alls with the same ``splits`` that follow
+      each other are one collective (one set of ``ep - 1`` latencies).
+
+    Raises :class:`KascadeError` for a dense model, ``ep`` not dividing the experts, a ``tp`` that
+    does not shard attention, or a size that depends on the batch other than through ``T``."""
+    if not model.is_moe:
+        raise KascadeError(f"expert parallelism needs a mixture-of-experts model; {model.name} is dense")
+    if ep == 1:
+        return ()
+    if model.experts % ep:
+        raise KascadeError(f"ep={ep} does not divide the {model.experts} experts of {model.name}")
+    if model.heads % tp or (model.kv_heads % tp if tp <= model.kv_heads else tp % model.kv_heads):
+        raise KascadeError(f"tp={tp} must divide the {model.heads} heads and divide or be a multiple of the "
+                           f"{model.kv_heads} KV heads")
+    step = serving_step_cascade(model, [(1, 0)], [], tp=1, expert_outputs=True)
+    groups = max(model.kv_heads, tp)
+    fixed = {k: v for k, v in step.extents.items() if k not in _BATCH_EXTENTS}
+    fixed |= {"G": groups, "R": model.heads // groups}
+    mapping = {"x": ("ep", ep), "t": ("ep", ep)} | ({"g": ("tp", tp)} if tp > 1 else {})
+    prog = partition(step.cascade, mapping, extents={**fixed, "T": ep, "U": ep, "S": ep}, ep_style="all_to_all")
+    dtypes = infer_dtypes(prog.local)
+    out: list[ExpertCollective] = []
+    last_splits = object()
+    for c in prog.collectives:
+        if c.kind != "all_to_all":   # attention's all-reduce is layer_collectives'; outputs are not gathered
+            continue
+        batch = extents_used(c.bytes) & _BATCH_EXTENTS
+        if not batch <= {"T"}:
+            raise KascadeError(f"serving step under ep={ep}: {c} depends on the batch through {sorted(batch)}; "
+                               "the iteration model sizes the expert all-to-alls by the token count T only")
+        dtype = dtypes[c.tensor]
+        scale = model.dtype_bytes / dtype.itemsize if dtype.kind is Kind.FLOAT else 1.0
+        if batch:
+            at1 = c.bytes_at({**fixed, "T": 1})
+            size, per_token = 0.0, at1 * scale   # bytes(T) / ep per device = bytes(1) per own token
+        else:
+            size, per_token = c.bytes_at(fixed) * scale / ep, 0.0
+        if out and c.splits is not None and c.splits == last_splits:
+            prev = out[-1]
+            out[-1] = prev._replace(tensors=(*prev.tensors, c.tensor), fixed_bytes=prev.fixed_bytes + size,
+                                    bytes_per_token=prev.bytes_per_token + per_token)
+        else:
+            out.append(ExpertCollective((c.tensor,), c.group, size, per_token))
+        last_splits = c.splits
+    return tuple(out)
+
+
 def _bucket(x: int) -> int:
     """Rounds up to a grid of 16 steps per octave above 32 (<= 4.4 % high): kernel costs are
     memoised per bucket, so a simulator's millions of calls hit a few thousand shapes."""
@@ -283,6 +371,8 @@ class IterationModel:
         self._memo: dict = {}
         self._unsharded = self._unshardable()
         self.collectives = layer_collectives(model, par.tp) if self._unsharded is None else ()
+        self.expert_collectives = (expert_collectives(model, par.tp, par.ep)
+                                   if self._unsharded is None and m.is_moe else ())
         # placement: tp innermost, then ep, then pp
         self.tp_spans = cluster.spans_nodes(1, par.tp)
         self.ep_spans = cluster.spans_nodes(par.tp, par.ep)
@@ -507,10 +597,11 @@ class IterationModel:
             part.layer_flops += L * (k.cost.tensor_flops + k.cost.flops) * par.tp * par.ep
             part.layer_hbm += L * k.cost.hbm_bytes * par.tp * par.ep
             if par.ep > 1:
-                # dispatch and combine: each GPU of the slowest group sends its 1/tp of the group's
-                # tokens, each to k experts, mostly on other groups
-                per_gpu = lead.tokens * m.experts_per_token * m.hidden * m.dtype_bytes / par.tp
-                a2a = 2 * L * self.cluster.collective_seconds("all_to_all", per_gpu, par.ep, self.ep_spans)
+                # the partitioned step's count exchange, dispatch and combine, every layer of the stage:
+                # each GPU of the slowest group sends the rows of its 1/tp of the group's tokens
+                a2a = L * sum(self.cluster.collective_seconds(
+                    "all_to_all", c.fixed_bytes + c.bytes_per_token * lead.tokens / par.tp, c.group, self.ep_spans)
+                    for c in self.expert_collectives)
                 _add(part.time, {"all_to_all": a2a})
                 _add(part.resources, {"network": a2a})
         return part

@@ -244,7 +244,8 @@ class ServingStep(NamedTuple):
 
 
 def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], decode: Sequence[int], *,
-                         tp: int = 1, block_size: int = 16, dtype: DType = bf16) -> ServingStep:
+                         tp: int = 1, block_size: int = 16, dtype: DType = bf16,
+                         expert_outputs: bool = False) -> ServingStep:
     """One decoder layer of ``spec`` over one continuous-batching iteration, on one of ``tp``
     tensor-parallel GPUs: ``prefill`` chunks ``(new tokens, tokens already cached)`` and ``decode``
     requests (their context lengths, the new token included) packed into ``T`` tokens.
@@ -268,7 +269,13 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
     ``tp > kv_heads``), ``R`` query heads per KV head, FFN ``F = intermediate / tp`` (or the
     expert FFN / tp); the O and down projections then give partial sums that an all-reduce
     (``passes/partition``) completes. Experts are not split here (expert parallelism routes
-    whole tokens; see ``backends/iteration``)."""
+    whole tokens; see ``backends/iteration``).
+
+    ``expert_outputs``: the MoE's weighted combine is by default inside the down projection's
+    reduction (``T x D`` partial sums under tp); with ``expert_outputs=True`` the experts' results
+    are a tensor of their own, ``EO[t, k, d]``, and the combine ``Y = HA + sum[k](TW * EO)`` a
+    statement after them: the gather form that ``passes/moe_grouping.group_experts`` groups and
+    ``partition(..., ep_style="all_to_all")`` dispatches over an expert-parallel group."""
     from kascade.ir.library.layer import _rope
     from kascade.ir.library.mlp import emit_rmsnorm, emit_swiglu
 
@@ -343,8 +350,12 @@ def serving_step_cascade(spec: ModelSpec, prefill: Sequence[tuple[int, int]], de
         TW = cb.einsum("TW", "t k", TV[t, k] / TS[t])
         GU = cb.einsum("GU", "t k h f", sum_(d, HN[t, d] * W13[TI[t, k], h, f, d]))
         ACT = cb.einsum("ACT", "t k f", silu(GU[t, k, 0, f]) * GU[t, k, 1, f])
-        cb.einsum("Y", "t d", HA[t, d] + sum_((k, f), TW[t, k] * ACT[t, k, f] * W2[TI[t, k], d, f]), dtype,
-                  output=True)
+        if expert_outputs:
+            EO = cb.einsum("EO", "t k d", sum_(f, ACT[t, k, f] * W2[TI[t, k], d, f]))
+            cb.einsum("Y", "t d", HA[t, d] + sum_(k, TW[t, k] * EO[t, k, d]), dtype, output=True)
+        else:
+            cb.einsum("Y", "t d", HA[t, d] + sum_((k, f), TW[t, k] * ACT[t, k, f] * W2[TI[t, k], d, f]), dtype,
+                      output=True)
     else:
         WG, WU, WD = cb.input("WG", "f d", dtype), cb.input("WU", "f d", dtype), cb.input("WD", "d f", dtype)
         emit_swiglu(cb, HN, WG, WU, WD, "Y", prefix="M", residual=HA, dtype=dtype, output=True)
