@@ -238,12 +238,13 @@ def _check_routing(weights, ids, T: int, E: int, x: torch.Tensor) -> int:
     if K > E:
         raise ShapeError(f"{K} experts per token but only E={E} experts")
     if T:
-        lo, hi = int(ids.min()), int(ids.max())                       # device syncs: ids index the weights
-        if lo < 0 or hi >= E:
-            raise ShapeError(f"topk_ids must lie in [0, {E}) (E experts of w1), got values in [{lo}, {hi}]")
         ordered = ids.sort(dim=-1).values
         dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1)
-        if bool(dup.any()):
+        # one device sync for all three facts: ids index the weights, so they are checked
+        lo, hi, any_dup = torch.stack([ordered[:, 0].min(), ordered[:, -1].max(), dup.any().to(ordered.dtype)]).tolist()
+        if lo < 0 or hi >= E:
+            raise ShapeError(f"topk_ids must lie in [0, {E}) (E experts of w1), got values in [{lo}, {hi}]")
+        if any_dup:
             row = int(dup.nonzero()[0])
             raise ShapeError(f"topk_ids row {row} names expert {ids[row].tolist()} more than once; each token's "
                              "experts must be distinct")
