@@ -17,6 +17,7 @@ from functools import cache, lru_cache
 
 import torch
 
+from kascade.autotune.choose import aot_check
 from kascade.autotune.choose import choose_config as choose_tuned_or_modelled
 from kascade.backends.reference import evaluate
 from kascade.ir.cascade import Cascade
@@ -91,7 +92,8 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, router_logits: torc
             raise ShapeError(f"backend='interpret' is for tests and small shapes: T*K*3*D*F = {T * K * 3 * D * F} "
                              f"exceeds {INTERPRET_LIMIT}; use backend='triton' on a GPU or backend='reference'")
     schedule = swiglu_moe_schedule(_DTYPES[x.dtype])
-    config, why = _config(schedule, (("T", _pow2(T)), ("K", K), ("E", E), ("D", D), ("F", F)), x.dtype, x.device)
+    config, why = _config(schedule, (("T", _pow2(T)), ("K", K), ("E", E), ("D", D), ("F", F)), x.dtype, x.device,
+                          backend)
     _debug(f"kascade.moe: backend={backend} T={T} E={E} K={K} D={D} F={F} config={config.key()} ({why})")
     from kascade.backends.moe_triton import run_moe_triton
     return run_moe_triton(x, w1, w2, weights, ids.to(torch.int32), config, interpret=backend == "interpret",
@@ -139,18 +141,17 @@ def _write(out: torch.Tensor | None, y: torch.Tensor, like: torch.Tensor) -> tor
 
 # ---- the config ---------------------------------------------------------------------------
 @lru_cache(maxsize=1024)
-def _config(schedule: Schedule, shapes: tuple, dtype: torch.dtype, device: torch.device) -> tuple[Config, str]:
-    """Tuned record, else the model's best, else the heuristic, per token bucket (cached)."""
+def _config(schedule: Schedule, shapes: tuple, dtype: torch.dtype, device: torch.device,
+            backend: str = "triton") -> tuple[Config, str]:
+    """Tuned record, else the model's best (on the GPU: the first whose GEMMs compile without
+    spills for the device), else the heuristic; per token bucket (cached)."""
     ext = dict(shapes)
+    check = aot_check(schedule, {"D": ext["D"], "F": ext["F"]}) if backend == "triton" else None
     item = torch.empty((), dtype=dtype).element_size()
 
     def fallback() -> tuple[Config, str]:
         return choose_moe_config(schedule, {**ext, "itemsize": item})
-    try:
-        return choose_tuned_or_modelled(schedule, ext, dtype, device, fallback=fallback)
-    except KascadeError as e:       # e.g. no cost rule: the heuristic still gives a correct config
-        cfg, why = fallback()
-        return cfg, f"{why} (cost model unavailable: {e})"
+    return choose_tuned_or_modelled(schedule, ext, dtype, device, compiles_cleanly=check, fallback=fallback)
 
 
 @lru_cache(maxsize=8)

@@ -64,6 +64,9 @@ def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.d
     ranked = rank_configs(schedule, extents, target, itemsize, params,
                           eff=calibrated_efficiency(target, db or _database()))
     if not ranked:
+        if fallback is not None:
+            cfg, why = fallback()
+            return cfg, f"default ({why}): the cost model has no feasible candidate"
         raise KascadeError(f"no feasible config for {schedule.key()} at {dict(extents)}")
     rejected = []
     for i, (pred, cfg) in enumerate(ranked[:tries] if compiles_cleanly else ranked[:1]):
@@ -81,32 +84,47 @@ def choose_config(schedule: Schedule, extents: Mapping[str, int], dtype: torch.d
 
 
 @lru_cache(maxsize=512)
-def _compile(src, target: Target):
+def _compile(src, target: Target, divisible: tuple[str, ...] = ()):
     from kascade.backends.aot import compile_kernel
-    return compile_kernel(src, target)
+    return compile_kernel(src, target, divisible=divisible)
 
 
-def aot_check(schedule: Schedule, head_sizes: Mapping[str, int]) -> Callable[[Config, Target], str | None]:
-    """A ``compiles_cleanly`` that renders the candidate and compiles it ahead of time for the
-    target with Triton: unusable if it fails, does not fit, or spills registers. For paged decode
-    the partial kernel is checked (the merge's resources do not depend on the config);
-    ``head_sizes`` are the render sizes of the family's emitter."""
-    sizes = dict(head_sizes)
-    if schedule.kernels[0].family == "paged_decode_partial":
+def _kernels_to_check(schedule: Schedule, sizes: Mapping[str, int]) -> Callable[[Config], list]:
+    """``config -> [(source, divisible args)]``: the kernels whose resources depend on the config.
+    Paged decode: the partial kernel (the merge's do not). MoE: both grouped GEMMs, with strides
+    and dims marked divisible by 16 where ``D`` and ``F`` are, as the JIT would see them."""
+    family = schedule.kernels[0].family
+    if family == "paged_decode_partial":
         from kascade.codegen.paged_decode import render as render_decode
+        return lambda cfg: [(render_decode(schedule, cfg.replace(num_splits=1), sizes).partial, ())]
+    if family == "moe_gate_up":
+        from kascade.codegen.moe_grouped_gemm import render as render_moe
+        aligned = all(v % 16 == 0 for v in sizes.values())
 
-        def render(s: Schedule, cfg: Config, sz: Mapping[str, int]):
-            return render_decode(s, cfg.replace(num_splits=1), sz).partial
-    else:
-        from kascade.codegen.attention_prefill import render
+        def moe(cfg: Config) -> list:
+            srcs = render_moe(schedule, cfg, sizes)
+            return [(src, tuple(a.name for a in src.args if aligned and (a.kind == "stride" or a.name in
+                                                                         ("hidden", "inner"))))
+                    for src in (srcs.gate_up, srcs.down)]
+        return moe
+    from kascade.codegen.attention_prefill import render
+    return lambda cfg: [(render(schedule, cfg, sizes), ())]
+
+
+def aot_check(schedule: Schedule, sizes: Mapping[str, int]) -> Callable[[Config, Target], str | None]:
+    """A ``compiles_cleanly`` that renders the candidate and compiles it ahead of time for the
+    target with Triton: unusable if a kernel fails, does not fit, or spills registers. ``sizes``
+    are the render sizes of the family's emitter."""
+    kernels = _kernels_to_check(schedule, dict(sizes))
 
     def check(cfg: Config, target: Target) -> str | None:
-        k = _compile(render(schedule, cfg, sizes), target)
-        if not k.ok:
-            return f"does not compile: {(k.error or '').splitlines()[0][:100]}"
-        if not k.fits:
-            return k.reason
-        if k.spills:
-            return f"spills {k.stack_bytes + k.local_bytes} bytes per thread"
+        for src, divisible in kernels(cfg):
+            k = _compile(src, target, divisible)
+            if not k.ok:
+                return f"{src.name} does not compile: {(k.error or '').splitlines()[0][:100]}"
+            if not k.fits:
+                return k.reason
+            if k.spills:
+                return f"{src.name} spills {k.stack_bytes + k.local_bytes} bytes per thread"
         return None
     return check

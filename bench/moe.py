@@ -188,7 +188,7 @@ def token_rows(name: str, shape: dict, T: int, w1, w2, gen, ctx: dict) -> list[d
     # the config kascade.moe picks for this shape (tuned record, else the cost model's best, else the heuristic)
     schedule = swiglu_moe_schedule(_DTYPES[dtype])
     config, why = _config(schedule, (("T", _pow2(T)), ("K", K), ("E", E), ("D", D), ("F", F)), dtype,
-                          torch.device(dev))
+                          torch.device(dev), "triton" if torch.device(dev).type == "cuda" else "interpret")
     ref = torch_loop(x, w1, w2, tw, ti, compute=torch.float32)
     bar = 2 * max_error(torch_loop(x, w1, w2, tw, ti), ref) + FLOOR[dtype]
     base = {"shape": name, **shape, "T": T, "dtype": str(dtype).removeprefix("torch."),

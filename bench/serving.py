@@ -5,7 +5,9 @@
 * plan search: Llama-3-70B on 8 x H200 over the whole plan space (TP, PP, DP, policy incl.
   disaggregation and its ratio, nano-batches, token budget, max batch, KV block size) with
   NSGA-II, a Poisson workload, the capacity search of the best plans included; target < 60 s;
-* simulator: 100k requests of Llama-3-8B on one H200 under each policy; target < 60 s each.
+* simulator: 100k requests of Llama-3-8B on one H200 under each policy; target < 60 s each;
+* iteration model: a warm ``IterationModel.iteration()`` call (what the simulator pays per
+  iteration), dense TP and MoE TP x EP.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ def simulator(n: int, policy: str) -> dict:
             "completed": r.completed, "cost_model_calls": r.cost_calls, "target_s": 60}
 
 
+def iteration_calls(name: str, par: Parallelism, calls: int = 2000) -> dict:
+    """Microseconds per warm ``iteration()`` over mixed batches (each batch seen once before timing)."""
+    m = IterationModel(load_model(name), make_cluster("h200", 8), par)
+    batches = [([(64 + 16 * (i % 200), i % 300)], [1000 + (i + j) % 700 for j in range(i % 50 + 1)])
+               for i in range(calls)]
+    for pre, dec in batches:
+        m.iteration(pre, dec)
+    t0 = time.perf_counter()
+    for pre, dec in batches:
+        m.iteration(pre, dec)
+    dt = time.perf_counter() - t0
+    return {"model": name, "parallelism": str(par), "calls": calls, "us_per_call": dt / calls * 1e6}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("serving.json"))
@@ -65,7 +81,9 @@ def main() -> None:
     for p in args.policies.split(","):
         sims.append(simulator(args.requests, p))
         print(f"  {p}: {sims[-1]['seconds']:.1f} s", flush=True)
-    result = {"plan_search": search, "simulator": sims,
+    iters = [iteration_calls("llama-3-70b", Parallelism(tp=8)),
+             iteration_calls("qwen3-30b-a3b", Parallelism(tp=2, ep=4))]
+    result = {"plan_search": search, "simulator": sims, "iteration": iters,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "processor": platform.processor(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}}
     args.out.write_text(json.dumps(result, indent=1))
@@ -76,6 +94,8 @@ def main() -> None:
     for s in sims:
         print(f"{'simulate ' + str(s['requests']) + ' req, ' + s['policy']:34} {s['seconds']:8.1f} {60:7d}  "
               f"{s['iterations']:,} iterations, {s['completed']:,} completed")
+    for it in iters:
+        print(f"{'iteration() ' + it['model'] + ' ' + it['parallelism']:34} {it['us_per_call']:8.1f} us per warm call")
     print(f"\nwritten: {args.out}")
 
 

@@ -112,3 +112,26 @@ def test_paged_decode_attention_runs_the_tuned_record(monkeypatch, capsys):
     assert f"config={tuned.key()} (tuned:" in err and "test sweep" in err
     ref = paged_decode_attention(q.float(), kc.float(), vc.float(), table, lens, backend="reference").double()
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=0)
+
+
+def test_the_moe_candidate_is_compiled_ahead_of_time_before_it_runs():
+    """On the GPU path both grouped GEMMs of a candidate are compiled for the device (with the
+    divisibility the JIT would see at Mixtral's sizes); a clean candidate passes. (What an
+    unfit or spilling compile reports: tests/kernels/test_moe_aot.py.)"""
+    from kascade.autotune.choose import _compile, aot_check
+    from kascade.backends.targets import get_target
+    from kascade.ir.dtypes import bf16
+    from kascade.passes.schedule_moe import choose_moe_config, swiglu_moe_schedule
+    sched = swiglu_moe_schedule(bf16)
+    check = aot_check(sched, {"D": 4096, "F": 14336})
+    cfg, _ = choose_moe_config(sched, dict(T=4, K=2, E=8, D=4096, F=14336))
+    before = _compile.cache_info().misses
+    assert check(cfg, get_target("h200")) is None
+    assert _compile.cache_info().misses - before == 2        # moe_gate_up and moe_down
+
+
+def test_an_empty_ranking_takes_the_fallback(tmp_path):
+    db = TuningDatabase(f"sqlite:///{tmp_path / 'empty.db'}")
+    cfg, why = choose_config(SCHED, dict(EXT, E=300, F=300), torch.float16, CPU, db=db,
+                             fallback=lambda: (Config.of(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), "rule"))
+    assert why.startswith("default (rule): the cost model has no feasible candidate") and cfg["BLOCK_M"] == 16
