@@ -32,6 +32,8 @@ from kascade.passes.schedule_moe import choose_moe_config, swiglu_moe_schedule
 ACTIVATIONS = ("swiglu",)
 BACKENDS = ("triton", "interpret", "reference")
 INTERPRET_LIMIT = 1 << 24       # T * K * 3 * D * F multiply-adds the CPU interpreter is asked to do
+# the evaluator gathers each (token, choice)'s expert weights in float64: T * K * 3 * D * F values
+REFERENCE_LIMIT = 1 << 27       # 1 GiB of gathered weights
 _DTYPES = {torch.float16: f16, torch.bfloat16: bf16, torch.float32: f32}
 
 
@@ -80,9 +82,11 @@ def moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, router_logits: torc
         K = _check_top_k(top_k, E)
         _check_logits(router_logits, T, E, x, K)
         if backend == "reference":
+            _check_reference_size(T, K, D, F)
             return _write(out, _reference_routed(x, w1, w2, router_logits, K, renormalize), x)
         weights, ids = route(router_logits, K, renormalize)
     if backend == "reference":
+        _check_reference_size(T, K, D, F)
         return _write(out, _reference_given(x, w1, w2, weights, ids), x)
     if backend == "interpret":
         if x.dtype == torch.bfloat16:
@@ -250,6 +254,13 @@ def _check_routing(weights, ids, T: int, E: int, x: torch.Tensor) -> int:
             raise ShapeError(f"topk_ids row {row} names expert {ids[row].tolist()} more than once; each token's "
                              "experts must be distinct")
     return K
+
+
+def _check_reference_size(T: int, K: int, D: int, F: int) -> None:
+    if T * K * 3 * D * F > REFERENCE_LIMIT:
+        raise ShapeError(f"backend='reference' gathers every chosen expert's weights in float64: T*K*3*D*F = "
+                         f"{T * K * 3 * D * F} values exceed {REFERENCE_LIMIT} (1 GiB); use backend='triton' on a "
+                         "GPU, or fewer tokens")
 
 
 def _check_backend(backend, x: torch.Tensor) -> str:

@@ -199,3 +199,11 @@ def test_opcheck_and_fullgraph_compile(gen):
     torch.testing.assert_close(compiled(x, logits), block(x, logits))
     explanation = torch._dynamo.explain(block)(x, logits)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_the_reference_refuses_a_shape_that_would_gather_gigabytes():
+    x = torch.randn(64, 4096, dtype=torch.bfloat16)
+    w1 = torch.empty(8, 2 * 14336, 4096, dtype=torch.bfloat16)     # Mixtral's experts: 1.9 GB, never read
+    w2 = torch.empty(8, 4096, 14336, dtype=torch.bfloat16)
+    with pytest.raises(ShapeError, match="backend='reference' gathers every chosen expert's weights"):
+        kascade.moe(x, w1, w2, torch.randn(64, 8), top_k=2)
