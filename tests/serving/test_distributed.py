@@ -96,10 +96,9 @@ def test_partitioned_programs_match_the_evaluator(world):
             assert err <= 1e-10 * max(1.0, ref.abs().max().item()), f"{name}, device {device}: max error {err}"
 
 
-def test_nccl_needs_gpus():
-    if torch.cuda.is_available():
-        pytest.skip("GPUs present")
-    with pytest.raises(DeviceError, match="nccl' needs CUDA GPUs"):
-        run_distributed([], 2, backend="nccl")
+def test_backends_are_checked_before_any_process_starts():
     with pytest.raises(DeviceError, match="accepted: gloo, nccl"):
         run_distributed([], 2, backend="mpi")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="nccl' needs CUDA GPUs"):
+            run_distributed([], 2, backend="nccl")
